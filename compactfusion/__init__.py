@@ -1,0 +1,3 @@
+"""compactfusion: compressed residual communication for parallel diffusion inference."""
+
+__version__ = "0.1.0"

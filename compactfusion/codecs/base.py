@@ -1,0 +1,295 @@
+"""The codec interface and the self-describing payload format every codec shares.
+
+A *payload* is a 1-D ``torch.uint8`` tensor: a small fixed header followed by the codec's
+packed data. The header makes a payload self-describing (the receiver learns the shape and
+dtype from it) and lets corrupt or mismatched payloads be rejected with a clear error.
+
+Header layout (little-endian, padded to a multiple of 16 bytes so that every data section that
+follows can be viewed as fp32/bf16 without misalignment)::
+
+    offset  size  field
+    0       2     magic b"CF"
+    2       1     format version (FORMAT_VERSION)
+    3       1     codec id (see ``Codec.codec_id``)
+    4       1     dtype code: 0 float32, 1 float16, 2 bfloat16
+    5       1     ndim (0..8)
+    6       2     reserved, zero
+    8       8     four uint16 codec parameters (e.g. group size, N and M, rank)
+    16      8*nd  shape, int64 per dimension
+    ...           zero padding to a multiple of 16
+
+Every codec views its input as a matrix of ``rows = numel / shape[-1]`` tokens by
+``cols = shape[-1]`` channels (a 0-d tensor is 1x1). Scales are per token or per group of
+channels inside one token, never over the whole tensor, so one pass over the input suffices.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+
+MAGIC = b"CF"
+FORMAT_VERSION = 1
+MAX_NDIM = 8
+_FIXED = struct.Struct("<2sBBBBH4H")  # 16 bytes
+ALIGN = 16
+
+DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+CODE_DTYPES: dict[int, torch.dtype] = {v: k for k, v in DTYPE_CODES.items()}
+SUPPORTED_DTYPES = tuple(DTYPE_CODES)
+
+
+class PayloadError(ValueError):
+    """A payload is corrupt, truncated, or does not match the codec decoding it."""
+
+
+def align_up(n: int, a: int = ALIGN) -> int:
+    return (n + a - 1) // a * a
+
+
+def header_nbytes(ndim: int) -> int:
+    """Size of the header for a tensor with ``ndim`` dimensions."""
+    return align_up(_FIXED.size + 8 * ndim)
+
+
+def rows_cols(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
+    """The token-by-channel matrix view every codec uses: ``(numel // shape[-1], shape[-1])``."""
+    if len(shape) == 0:
+        return 1, 1
+    cols = int(shape[-1])
+    numel = math.prod(int(s) for s in shape)
+    return (numel // cols if cols else 0), cols
+
+
+def check_dtype(dtype: torch.dtype) -> None:
+    if dtype not in DTYPE_CODES:
+        raise TypeError(
+            f"compactfusion codecs support float32, float16 and bfloat16 tensors, got {dtype}"
+        )
+
+
+def _check_shape(shape: tuple[int, ...]) -> None:
+    if len(shape) > MAX_NDIM:
+        raise ValueError(f"tensors with more than {MAX_NDIM} dimensions are not supported")
+    if any(s == 0 for s in shape):
+        raise ValueError(f"cannot encode an empty tensor of shape {tuple(shape)}")
+
+
+class Codec(ABC):
+    """Encode a tensor into a packed ``uint8`` payload and decode it back.
+
+    Subclasses implement the matrix-level methods ``_data_nbytes``, ``_encode_rows`` and
+    ``_decode_rows``; this class owns the header, validation and the residual helpers. The
+    torch implementations here are the reference (and the CPU path); fused Triton kernels in
+    ``compactfusion.kernels`` reproduce them.
+
+    Codecs may keep per-call-site state (the low-rank codec warm-starts from the previous
+    factors): ``new_state()`` creates it and the residual state stores one per site.
+    """
+
+    name: ClassVar[str]
+    codec_id: ClassVar[int]
+    lossless: ClassVar[bool] = False
+
+    # --- parameters -------------------------------------------------------------------------
+    def header_params(self) -> tuple[int, int, int, int]:
+        """Four uint16 parameters stored in the header (checked again on decode)."""
+        return (0, 0, 0, 0)
+
+    def describe(self) -> dict[str, Any]:
+        """Plain-dict description (name and parameters), used for config fingerprints."""
+        return {"name": self.name}
+
+    def new_state(self) -> Any:
+        """Per-call-site codec state (``None`` for stateless codecs)."""
+        return None
+
+    # --- matrix-level hooks -------------------------------------------------------------------
+    @abstractmethod
+    def _data_nbytes(self, rows: int, cols: int, dtype: torch.dtype) -> int:
+        """Bytes of packed data for a ``rows x cols`` matrix of ``dtype``."""
+
+    @abstractmethod
+    def _encode_rows(
+        self, r: torch.Tensor, dtype: torch.dtype, state: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pack a float32 ``rows x cols`` matrix. Returns ``(data, reconstruction)``.
+
+        ``data`` is a 1-D uint8 tensor of ``_data_nbytes`` bytes; ``reconstruction`` is the
+        float32 matrix that ``_decode_rows(data)`` returns, bit for bit (so a sender can update
+        its base without decoding its own payload).
+        """
+
+    @abstractmethod
+    def _decode_rows(
+        self, data: torch.Tensor, rows: int, cols: int, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Unpack ``data`` into a float32 ``rows x cols`` matrix."""
+
+    # --- public API ---------------------------------------------------------------------------
+    def payload_nbytes(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> int:
+        """Exact size in bytes of ``encode(x)`` for a tensor of this shape and dtype."""
+        check_dtype(dtype)
+        shape = tuple(int(s) for s in shape)
+        _check_shape(shape)
+        rows, cols = rows_cols(shape)
+        return header_nbytes(len(shape)) + align_up(self._data_nbytes(rows, cols, dtype))
+
+    def encode(self, x: torch.Tensor, state: Any = None) -> torch.Tensor:
+        """Encode ``x`` (fp32, fp16 or bf16, any shape) into a 1-D uint8 payload."""
+        payload, _ = self.encode_with_reconstruction(x, state)
+        return payload
+
+    def decode(self, payload: torch.Tensor) -> torch.Tensor:
+        """Decode a payload produced by ``encode``; shape and dtype come from its header."""
+        shape, dtype, data = self.parse(payload)
+        rows, cols = rows_cols(shape)
+        return self._decode_rows(data, rows, cols, dtype).to(dtype).reshape(shape)
+
+    def encode_with_reconstruction(
+        self, x: torch.Tensor, state: Any = None, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode ``x``; also return the float32 matrix the receiver will decode.
+
+        ``dtype`` is the dtype recorded in the header (default ``x.dtype``): a residual is
+        computed in float32 but decodes into the activation's dtype.
+        """
+        dtype = x.dtype if dtype is None else dtype
+        check_dtype(dtype)
+        check_dtype(x.dtype)
+        shape = tuple(x.shape)
+        _check_shape(shape)
+        rows, cols = rows_cols(shape)
+        r = x.reshape(rows, cols).float()
+        data, recon = self._encode_rows(r, dtype, state)
+        payload = self._assemble(shape, dtype, data, rows, cols)
+        return payload, recon
+
+    # --- residual helpers (overridden by fused kernels) ---------------------------------------
+    def encode_residual(
+        self, x: torch.Tensor, base: torch.Tensor, state: Any = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sender side of one step: encode ``x - base``; return ``(payload, new_base)``.
+
+        ``new_base = (base.float() + decoded residual).to(base.dtype)``, computed with exactly
+        the arithmetic ``decode_residual`` uses, so sender and receiver bases are bit-identical.
+        """
+        r = x.float() - base.float()
+        payload, recon = self.encode_with_reconstruction(r.reshape(x.shape), state, x.dtype)
+        new_base = (base.float().reshape(recon.shape) + recon).to(base.dtype).reshape(base.shape)
+        return payload, new_base
+
+    def decode_residual(
+        self, payload: torch.Tensor, base: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Receiver side of one step: ``out = base + decode(payload)`` (``out`` may be ``base``)."""
+        shape, dtype, data = self.parse(payload)
+        if tuple(base.shape) != tuple(shape) or base.dtype != dtype:
+            raise PayloadError(
+                f"payload describes a {tuple(shape)} {dtype} tensor but the base is "
+                f"{tuple(base.shape)} {base.dtype}"
+            )
+        rows, cols = rows_cols(shape)
+        recon = self._decode_rows(data, rows, cols, dtype)
+        new = (base.float().reshape(rows, cols) + recon).to(dtype).reshape(shape)
+        if out is None:
+            return new
+        out.copy_(new)
+        return out
+
+    # --- header -------------------------------------------------------------------------------
+    def _assemble(
+        self,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        data: torch.Tensor,
+        rows: int,
+        cols: int,
+    ) -> torch.Tensor:
+        expected = self._data_nbytes(rows, cols, dtype)
+        if data.dtype != torch.uint8 or data.numel() != expected:
+            raise RuntimeError(
+                f"codec {self.name} produced {data.numel()} bytes of {data.dtype}, "
+                f"expected {expected} uint8"
+            )
+        hdr = header_nbytes(len(shape))
+        payload = torch.zeros(hdr + align_up(expected), dtype=torch.uint8, device=data.device)
+        payload[:hdr] = encode_header(self.codec_id, dtype, shape, self.header_params()).to(
+            data.device
+        )
+        payload[hdr : hdr + expected] = data
+        return payload
+
+    def parse(self, payload: torch.Tensor) -> tuple[tuple[int, ...], torch.dtype, torch.Tensor]:
+        """Validate a payload for this codec; return ``(shape, dtype, data)``."""
+        codec_id, dtype, shape, params, hdr = decode_header(payload)
+        if codec_id != self.codec_id:
+            raise PayloadError(
+                f"payload was encoded by codec id {codec_id}, not by {self.name} "
+                f"(id {self.codec_id})"
+            )
+        if params != self.header_params():
+            raise PayloadError(
+                f"payload parameters {params} do not match this {self.name} codec's "
+                f"{self.header_params()}"
+            )
+        rows, cols = rows_cols(shape)
+        need = self._data_nbytes(rows, cols, dtype)
+        if payload.numel() != hdr + align_up(need):
+            raise PayloadError(
+                f"{self.name} payload for shape {shape} {dtype} must be "
+                f"{hdr + align_up(need)} bytes, got {payload.numel()} (truncated or padded)"
+            )
+        return shape, dtype, payload[hdr : hdr + need]
+
+
+def encode_header(
+    codec_id: int,
+    dtype: torch.dtype,
+    shape: tuple[int, ...],
+    params: tuple[int, int, int, int] = (0, 0, 0, 0),
+) -> torch.Tensor:
+    """Serialize a header (see the module docstring) into a uint8 CPU tensor."""
+    check_dtype(dtype)
+    _check_shape(tuple(shape))
+    for p in params:
+        if not 0 <= p < 1 << 16:
+            raise ValueError(f"header parameter {p} does not fit in uint16")
+    raw = _FIXED.pack(MAGIC, FORMAT_VERSION, codec_id, DTYPE_CODES[dtype], len(shape), 0, *params)
+    raw += struct.pack(f"<{len(shape)}q", *shape)
+    raw += b"\0" * (header_nbytes(len(shape)) - len(raw))
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+
+
+def decode_header(
+    payload: torch.Tensor,
+) -> tuple[int, torch.dtype, tuple[int, ...], tuple[int, int, int, int], int]:
+    """Parse and validate a header: ``(codec_id, dtype, shape, params, header_nbytes)``."""
+    if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or payload.dim() != 1:
+        raise PayloadError("a payload must be a 1-D torch.uint8 tensor")
+    if payload.numel() < _FIXED.size:
+        raise PayloadError(f"payload of {payload.numel()} bytes is shorter than a header")
+    fixed = bytes(payload[: _FIXED.size].cpu().tolist())
+    magic, version, codec_id, dcode, ndim, reserved, *params = _FIXED.unpack(fixed)
+    if magic != MAGIC:
+        raise PayloadError(f"bad payload magic {magic!r} (expected {MAGIC!r}): not a payload")
+    if version != FORMAT_VERSION:
+        raise PayloadError(
+            f"payload format version {version} is not supported (this build reads "
+            f"{FORMAT_VERSION}); sender and receiver must run the same compactfusion"
+        )
+    if dcode not in CODE_DTYPES:
+        raise PayloadError(f"payload names unknown dtype code {dcode}")
+    if ndim > MAX_NDIM or reserved != 0:
+        raise PayloadError("payload header is corrupt (ndim or reserved field)")
+    hdr = header_nbytes(ndim)
+    if payload.numel() < hdr:
+        raise PayloadError("payload is truncated inside its header")
+    shape = struct.unpack(f"<{ndim}q", bytes(payload[_FIXED.size : _FIXED.size + 8 * ndim].cpu().tolist()))
+    if any(s <= 0 for s in shape):
+        raise PayloadError(f"payload header holds an invalid shape {shape}")
+    return codec_id, CODE_DTYPES[dcode], tuple(shape), tuple(params), hdr
