@@ -1,3 +1,27 @@
-"""compactfusion: compressed residual communication for parallel diffusion inference."""
+"""compactfusion: compressed residual communication for parallel diffusion inference.
+
+Adjacent denoising steps produce nearly identical activations, so instead of the activations
+that ranks exchange, compactfusion sends a compressed residual against a base that sender and
+receiver share, with error feedback. Entry points:
+
+- ``compactfusion.patch(pipe, config)`` / ``unpatch`` / ``patched`` / ``stats``: compress an
+  xDiT (xfuser) pipeline's ring attention, patch parallelism and Ulysses traffic.
+- ``CompactConfig``: all settings (codec, warm-up, policy, mode), with named presets.
+- ``ResidualCompressor``: the per-site residual state, usable on its own.
+- ``compactfusion.codecs.get_codec``: the codecs (raw, fp8, int2, int1, nm_sparse, lowrank).
+"""
+
+from .codecs import PayloadError, available_codecs, get_codec
+from .config import PRESETS, CompactConfig
+from .residual import ResidualCompressor
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "CompactConfig",
+    "PayloadError",
+    "ResidualCompressor",
+    "available_codecs",
+    "get_codec",
+]

@@ -15,7 +15,18 @@ from .base import (
     rows_cols,
 )
 from .registry import available_codecs, codec_class, get_codec, register_codec
-from . import raw  # noqa: F401,E402  (registers the codec)
+
+def _register_builtin_codecs() -> None:
+    # Every module in this package other than the plumbing defines and registers one codec.
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        if info.name not in ("base", "registry") and not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_register_builtin_codecs()
 
 __all__ = [
     "SUPPORTED_DTYPES",

@@ -1,0 +1,39 @@
+# The README's two commands: `make demo` (the main job) and `make test` (the test suite).
+# Both set up .venv on first use: torch==2.13.0 (CPU build) is installed only when no torch is
+# importable; a torch you already have (e.g. a CUDA build) is kept and used.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.compactfusion-installed
+
+.PHONY: setup demo codec-demo test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
+		echo "using the torch already installed for $(PYTHON)"; \
+		$(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+		$(PYTHON) -m venv $(VENV); \
+		$(PY) -m pip install -q torch==2.13.0; \
+	fi
+	$(PY) -m pip install -q -e ".[xdit,dev]"
+	@touch $(STAMP)
+
+demo: setup
+	$(PY) examples/tiny_flux_demo.py
+
+codec-demo: setup
+	$(PY) examples/codec_demo.py
+
+# pytest exits 5 when it collects no test: treat that as a failure too.
+test: setup
+	@$(PY) -m pytest -q tests; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$status
+
+lint: setup
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info outputs

@@ -1,0 +1,54 @@
+"""Choosing between the fused Triton kernels and the torch reference codecs."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+ENV_VAR = "COMPACTFUSION_BACKEND"
+_CHOICES = ("auto", "torch", "triton")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Whether ``compactfusion.kernels`` (and so Triton) can be imported."""
+    try:
+        import compactfusion.kernels  # noqa: F401
+    except Exception:  # ImportError, or Triton failing to initialise without a driver
+        return False
+    return True
+
+
+def interpreter_enabled() -> bool:
+    """Whether Triton runs kernels on CPU tensors (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_backend(requested: str, device: torch.device) -> str:
+    """``"triton"`` or ``"torch"`` for tensors on ``device``.
+
+    ``COMPACTFUSION_BACKEND`` (``auto``/``torch``/``triton``) overrides the config field.
+    ``auto`` picks Triton for CUDA tensors when the kernels import, torch otherwise. Forcing
+    ``triton`` for CPU tensors is only possible under ``TRITON_INTERPRET=1``.
+    """
+    env = os.environ.get(ENV_VAR)
+    if env:
+        if env not in _CHOICES:
+            raise ValueError(f"{ENV_VAR} must be one of {_CHOICES}, got {env!r}")
+        requested = env
+    if requested == "torch":
+        return "torch"
+    on_gpu = device.type == "cuda"
+    if requested == "auto":
+        return "triton" if on_gpu and triton_available() else "torch"
+    if requested != "triton":
+        raise ValueError(f"backend must be one of {_CHOICES}, got {requested!r}")
+    if not triton_available():
+        raise RuntimeError("backend='triton' was requested but compactfusion.kernels can't import")
+    if not on_gpu and not interpreter_enabled():
+        raise RuntimeError(
+            "backend='triton' for CPU tensors needs TRITON_INTERPRET=1 (the Triton interpreter)"
+        )
+    return "triton"

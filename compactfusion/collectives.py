@@ -1,0 +1,212 @@
+"""Compressed collectives over ``torch.distributed``: all-gather and all-to-all of residuals.
+
+Each rank encodes what it sends with a :class:`ResidualCompressor` (one site per
+(site, source rank) for an all-gather, per (site, source, destination) for an all-to-all),
+the uint8 payloads travel in one collective of fixed-size buffers, and every receiver decodes
+its peers' payloads against its own copy of their bases. A rank's own block is never encoded:
+it stays exact.
+
+Payload sizes are agreed without communication: all ranks are at the same call of the same
+site with the same shapes, so ``ResidualCompressor.payload_nbytes`` gives the same answer
+everywhere (``check_consistent`` verifies the configs once). The one exception is a rank whose
+input is not finite: it sends a small *retry marker* instead of a payload, and then every rank
+repeats the collective with raw payloads, which also restarts all bases of that site exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Hashable
+
+import torch
+import torch.distributed as dist
+
+from .codecs import encode_header
+from .codecs.base import decode_header
+from .residual import ResidualCompressor
+
+RETRY_MARKER_ID = 255
+
+
+class ConfigMismatchError(ValueError):
+    """Ranks were configured differently; raised on every rank."""
+
+
+def check_consistent(description: str, group: dist.ProcessGroup | None = None) -> None:
+    """Raise ``ConfigMismatchError`` on every rank unless all ranks pass the same description.
+
+    Exchanges a 32-byte hash of ``description`` (e.g. a config fingerprint plus the payload
+    layout) with one all-gather, so mismatched ranks fail with the same clear error instead of
+    hanging or decoding garbage.
+    """
+    digest = hashlib.sha256(description.encode()).digest()
+    mine = torch.frombuffer(bytearray(digest), dtype=torch.uint8).to(_device_for(group))
+    world = dist.get_world_size(group)
+    gathered = torch.empty(world * len(digest), dtype=torch.uint8, device=mine.device)
+    dist.all_gather_into_tensor(gathered, mine, group=group)
+    rows = gathered.view(world, len(digest)).cpu()
+    bad = [r for r in range(world) if not torch.equal(rows[r], rows[0])]
+    if bad:
+        raise ConfigMismatchError(
+            f"compactfusion configuration differs across ranks (ranks {bad} differ from rank "
+            f"0): every rank must patch with the same CompactConfig and the same shapes"
+        )
+
+
+def _device_for(group: dist.ProcessGroup | None) -> torch.device:
+    backend = dist.get_backend(group)
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _marker(x: torch.Tensor, nbytes: int) -> torch.Tensor:
+    hdr = encode_header(RETRY_MARKER_ID, x.dtype, tuple(x.shape))
+    out = torch.zeros(nbytes, dtype=torch.uint8, device=x.device)
+    out[: hdr.numel()] = hdr.to(x.device)
+    return out
+
+
+def _is_marker(payload: torch.Tensor) -> bool:
+    return int(payload[3]) == RETRY_MARKER_ID
+
+
+def _encode_fixed(
+    comp: ResidualCompressor, key: Hashable, x: torch.Tensor, nbytes: int
+) -> torch.Tensor:
+    payload = comp.encode(key, x)
+    if payload.numel() != nbytes:  # non-finite input was sent raw: announce a retry
+        return _marker(x, nbytes)
+    return payload
+
+
+def compressed_all_gather(
+    comp: ResidualCompressor,
+    site: Hashable,
+    x: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """All-gather ``x`` (same shape on every rank) as compressed residuals.
+
+    Returns ``out`` (or a new tensor) of shape ``(world, *x.shape)`` whose slot ``r`` holds
+    rank ``r``'s reconstructed block (this rank's own slot is ``x`` exactly). Peers' blocks are
+    decoded straight into ``out``, which then holds those sites' bases: pass the same ``out``
+    buffer every call (or ``None``) and do not modify it in between.
+    """
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if out is None:
+        out = torch.empty((world, *x.shape), dtype=x.dtype, device=x.device)
+    elif tuple(out.shape) != (world, *x.shape) or out.dtype != x.dtype:
+        raise ValueError(
+            f"out must be a {(world, *x.shape)} {x.dtype} tensor, got {tuple(out.shape)} "
+            f"{out.dtype}"
+        )
+    key = (site, rank)
+    nbytes = comp.payload_nbytes(key, tuple(x.shape), x.dtype)
+    payload = _encode_fixed(comp, key, x, nbytes)
+    gathered = torch.empty(world * nbytes, dtype=torch.uint8, device=x.device)
+    dist.all_gather_into_tensor(gathered, payload, group=group)
+    payloads = gathered.view(world, nbytes)
+    if any(_is_marker(payloads[r]) for r in range(world)):
+        return _raw_all_gather(comp, site, x, group, out)
+    for r in range(world):
+        if r == rank:
+            out[r].copy_(x)
+        else:
+            comp.decode((site, r), payloads[r], out=out[r])
+    return out
+
+
+def _raw_all_gather(comp, site, x, group, out):
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    nbytes = comp.raw_payload_nbytes(tuple(x.shape), x.dtype)
+    payload = comp.encode((site, rank), x, force_raw=True)
+    gathered = torch.empty(world * nbytes, dtype=torch.uint8, device=x.device)
+    dist.all_gather_into_tensor(gathered, payload, group=group)
+    payloads = gathered.view(world, nbytes)
+    for r in range(world):
+        if r == rank:
+            out[r].copy_(x)
+        else:
+            comp.decode((site, r), payloads[r], out=out[r])
+    return out
+
+
+def compressed_all_to_all(
+    comp: ResidualCompressor,
+    site: Hashable,
+    x: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """All-to-all with equal splits along dim 0, as compressed residuals.
+
+    ``x`` has shape ``(world * c, ...)``; chunk ``j`` goes to rank ``j``. Returns a tensor of
+    the same shape whose chunk ``i`` is rank ``i``'s chunk for this rank (this rank's own
+    chunk exact), like ``dist.all_to_all_single`` with equal splits.
+    """
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if x.dim() == 0 or x.shape[0] % world:
+        raise ValueError(
+            f"all-to-all input dim 0 ({x.shape[0] if x.dim() else 'scalar'}) must be divisible "
+            f"by the group size {world}"
+        )
+    chunks = x.chunk(world, dim=0)
+    shape = tuple(chunks[0].shape)
+    sizes = {comp.payload_nbytes((site, rank, j), shape, x.dtype) for j in range(world)}
+    nbytes = max(sizes)
+    send = torch.zeros(world, nbytes, dtype=torch.uint8, device=x.device)
+    retry = False
+    for j in range(world):
+        if j == rank:
+            continue
+        key = (site, rank, j)
+        need = comp.payload_nbytes(key, shape, x.dtype)
+        payload = _encode_fixed(comp, key, chunks[j], need)
+        retry |= _is_marker(payload)
+        send[j, : payload.numel()] = payload
+    if retry:
+        send[rank, :] = _marker(chunks[rank], nbytes)
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    out = torch.empty_like(x)
+    out_chunks = out.chunk(world, dim=0)
+    if any(_is_marker(recv[i]) for i in range(world) if i != rank) or retry:
+        return _raw_all_to_all(comp, site, x, group)
+    for i in range(world):
+        if i == rank:
+            out_chunks[i].copy_(chunks[i])
+            continue
+        key = (site, i, rank)
+        need = comp.payload_nbytes(key, shape, x.dtype)
+        # Decode into the site's own base, then copy: the returned tensor belongs to the caller.
+        out_chunks[i].copy_(comp.decode(key, recv[i, :need]))
+    return out
+
+
+def _raw_all_to_all(comp, site, x, group):
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    chunks = x.chunk(world, dim=0)
+    nbytes = comp.raw_payload_nbytes(tuple(chunks[0].shape), x.dtype)
+    send = torch.zeros(world, nbytes, dtype=torch.uint8, device=x.device)
+    for j in range(world):
+        if j != rank:
+            send[j] = comp.encode((site, rank, j), chunks[j], force_raw=True)
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    out = torch.empty_like(x)
+    for i, chunk in enumerate(out.chunk(world, dim=0)):
+        if i == rank:
+            chunk.copy_(chunks[i])
+        else:
+            chunk.copy_(comp.decode((site, i, rank), recv[i]))
+    return out
+
+
+__all__ = [
+    "ConfigMismatchError",
+    "check_consistent",
+    "compressed_all_gather",
+    "compressed_all_to_all",
+    "decode_header",
+]

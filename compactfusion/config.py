@@ -1,0 +1,175 @@
+"""``CompactConfig``: every knob of compactfusion in one frozen, validated dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .codecs import available_codecs, get_codec
+
+MODES = ("allgather", "ring", "stale")
+POLICIES = ("always", "auto")
+BACKENDS = ("auto", "torch", "triton")
+LINK_HINTS: dict[str, float] = {
+    # Effective per-direction bandwidth in GB/s used by the ``auto`` policy.
+    "nvlink": 450.0,  # NVLink 4 (H100 SXM), ~450 GB/s per direction
+    "pcie": 25.0,  # PCIe Gen4 x16 as measured in practice
+    "pcie5": 50.0,  # PCIe Gen5 x16 in practice
+    "ethernet": 1.25,  # 10 GbE
+}
+
+SitePolicy = Callable[[Hashable, int], bool]
+
+
+@dataclass(frozen=True)
+class CompactConfig:
+    """How compactfusion compresses the activations that ranks exchange.
+
+    Attributes:
+        codec: codec name: ``"raw"``, ``"fp8"``, ``"int2"``, ``"int1"``, ``"nm_sparse"`` or
+            ``"lowrank"``. ``"raw"`` sends everything uncompressed (the baseline).
+        codec_params: parameters for the codec, e.g. ``{"group_size": 128}`` for ``int2``,
+            ``{"n": 2, "m": 8}`` for ``nm_sparse``, ``{"rank": 8}`` for ``lowrank``.
+        warmup_steps: number of first calls of every call site that are sent raw (the base is
+            then the exact activation). At least 1 is recommended: the first residual against
+            a zero base is the whole activation.
+        residual: compress ``x - base`` (True) or ``x`` itself (False, the naive ablation).
+        error_feedback: the base is the receiver's reconstruction (True). False keeps
+            ``base <- x`` on the sender: sender and receiver bases then drift apart, so this
+            is only an ablation for measuring what error feedback buys.
+        min_numel: call sites whose tensor has fewer elements are sent raw.
+        site_policy: optional ``f(site_key, call_index) -> bool``; False sends that call raw
+            (per-layer or per-step overrides). Must give the same answer on every rank.
+        mode: ring attention / patch parallel strategy of the xDiT integration:
+            ``"allgather"`` (compressed patch parallel), ``"ring"`` (compressed ring
+            attention with overlapped point-to-point relays) or ``"stale"`` (DistriFusion:
+            previous step's full-precision K/V, gathered asynchronously).
+        compress_ulysses: also compress Ulysses all-to-all traffic (q, k, v and output).
+        policy: ``"always"`` compresses every eligible site; ``"auto"`` skips compression
+            when, for the given ``link``, the codec would cost more than the transfer saves.
+        link: link hint for ``policy="auto"``: ``"nvlink"``, ``"pcie"``, ``"pcie5"``,
+            ``"ethernet"`` or a bandwidth in GB/s.
+        backend: ``"auto"`` (Triton kernels for CUDA tensors, torch otherwise), ``"torch"``
+            or ``"triton"``. The environment variable ``COMPACTFUSION_BACKEND`` overrides it.
+    """
+
+    codec: str = "int2"
+    codec_params: Mapping[str, Any] = field(default_factory=dict)
+    warmup_steps: int = 1
+    residual: bool = True
+    error_feedback: bool = True
+    min_numel: int = 1024
+    site_policy: SitePolicy | None = None
+    mode: str = "allgather"
+    compress_ulysses: bool = True
+    policy: str = "always"
+    link: str | float | None = None
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.codec not in available_codecs():
+            raise ValueError(
+                f"codec: unknown codec {self.codec!r}; choose one of {available_codecs()}"
+            )
+        if not isinstance(self.codec_params, Mapping):
+            raise ValueError("codec_params: must be a mapping of parameter names to values")
+        object.__setattr__(self, "codec_params", dict(self.codec_params))
+        self.make_codec()  # validates codec_params (raises ValueError naming the parameter)
+        for name in ("warmup_steps", "min_numel"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}: must be a non-negative integer, got {value!r}")
+        for name in ("residual", "error_feedback", "compress_ulysses"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: must be a bool, got {getattr(self, name)!r}")
+        if self.site_policy is not None and not callable(self.site_policy):
+            raise ValueError("site_policy: must be callable (site_key, call_index) -> bool")
+        if self.mode not in MODES:
+            raise ValueError(f"mode: must be one of {MODES}, got {self.mode!r}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy: must be one of {POLICIES}, got {self.policy!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend: must be one of {BACKENDS}, got {self.backend!r}")
+        if self.policy == "auto" and self.link is None:
+            raise ValueError('link: policy="auto" needs a link hint (e.g. "pcie" or 25.0 GB/s)')
+        if self.link is not None:
+            self.link_bandwidth_gbps()  # validates
+        if self.mode == "stale" and self.codec != "raw":
+            raise NotImplementedError(
+                'mode="stale" (DistriFusion) sends full-precision stale K/V; use codec="raw" '
+                "with it (compressing stale activations is not implemented)"
+            )
+        if not self.residual and not self.error_feedback:
+            raise ValueError(
+                "error_feedback: must stay True when residual=False (there is no base to "
+                "feed the error back into)"
+            )
+
+    # --- derived --------------------------------------------------------------------------
+    def make_codec(self):
+        """A fresh codec instance for this config."""
+        try:
+            return get_codec(self.codec, **self.codec_params)
+        except ValueError as exc:
+            raise ValueError(f"codec_params: {exc}") from None
+
+    def link_bandwidth_gbps(self) -> float | None:
+        """The link hint as a bandwidth in GB/s (None when no hint is given)."""
+        if self.link is None:
+            return None
+        if isinstance(self.link, str):
+            if self.link not in LINK_HINTS:
+                raise ValueError(
+                    f"link: unknown hint {self.link!r}; use one of {sorted(LINK_HINTS)} "
+                    "or a bandwidth in GB/s"
+                )
+            return LINK_HINTS[self.link]
+        if isinstance(self.link, bool) or not isinstance(self.link, (int, float)):
+            raise ValueError(f"link: must be a hint name or a number of GB/s, got {self.link!r}")
+        if not math.isfinite(self.link) or self.link <= 0:
+            raise ValueError(f"link: bandwidth must be positive and finite, got {self.link}")
+        return float(self.link)
+
+    def replace(self, **changes: Any) -> CompactConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form (``site_policy`` shown by its qualified name)."""
+        d = dataclasses.asdict(self)
+        d["codec_params"] = dict(sorted(self.codec_params.items()))
+        policy = self.site_policy
+        d["site_policy"] = None if policy is None else getattr(policy, "__qualname__", "custom")
+        return d
+
+    def fingerprint(self) -> str:
+        """A short hash of everything that must match across ranks."""
+        text = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def __hash__(self) -> int:
+        return hash(self.fingerprint())
+
+    # --- presets ----------------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> CompactConfig:
+        """A named preset: ``"int1"``, ``"int2"``, ``"fp8"``, ``"lowrank"``, ``"sparse"``,
+        ``"off"``; keyword overrides change fields of it."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "int1": {"codec": "int1"},
+    "int2": {"codec": "int2"},
+    "fp8": {"codec": "fp8"},
+    "lowrank": {"codec": "lowrank", "codec_params": {"rank": 16}},
+    "sparse": {"codec": "nm_sparse", "codec_params": {"n": 1, "m": 4}},
+    "off": {"codec": "raw"},
+}

@@ -1,0 +1,64 @@
+"""The ``auto`` policy: compress a site only when it saves time on the given link.
+
+For a site of ``numel`` elements of ``itemsize`` bytes, a link of ``B`` GB/s and a codec that
+processes memory at ``T`` GB/s::
+
+    t_raw        = raw_bytes / B
+    t_compressed = payload_bytes / B + (encode_bytes + decode_bytes) / T
+    encode_bytes = numel * 3 * itemsize + payload_bytes   (read x, read base, write base)
+    decode_bytes = numel * 2 * itemsize + payload_bytes   (read base, write base)
+
+and the site is compressed when ``t_compressed < t_raw``. ``T`` defaults to the codec
+throughput in ``CODEC_GBPS`` for the device type (see ``benchmarks/kernels.py`` for how to
+measure it on your GPU) and can be set with the environment variable
+``COMPACTFUSION_CODEC_GBPS``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+# Memory throughput a codec sustains, in GB/s of the bytes above. These are planning figures,
+# not measurements of your machine: the CUDA figure is the kernels' design target (80% of an
+# H100's ~3 TB/s copy bandwidth); the CPU one is what the torch reference reaches on a few
+# cores. Override with COMPACTFUSION_CODEC_GBPS after running benchmarks/kernels.py.
+CODEC_GBPS = {"cuda": 2400.0, "cpu": 2.0}
+
+
+def codec_throughput_gbps(device_type: str) -> float:
+    env = os.environ.get("COMPACTFUSION_CODEC_GBPS")
+    if env:
+        value = float(env)
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"COMPACTFUSION_CODEC_GBPS must be a positive number, got {env!r}")
+        return value
+    return CODEC_GBPS.get(device_type, CODEC_GBPS["cpu"])
+
+
+def compression_times(
+    codec, shape: tuple[int, ...], dtype: torch.dtype, link_gbps: float, device_type: str
+) -> tuple[float, float]:
+    """``(t_raw, t_compressed)`` in seconds by the formula in the module docstring."""
+    numel = math.prod(shape)
+    raw = numel * dtype.itemsize
+    payload = codec.payload_nbytes(shape, dtype)
+    codec_bw = codec_throughput_gbps(device_type) * 1e9
+    work = numel * 5 * dtype.itemsize + 2 * payload
+    return raw / (link_gbps * 1e9), payload / (link_gbps * 1e9) + work / codec_bw
+
+
+def worth_compressing(
+    codec,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    link_gbps: float | None,
+    device_type: str = "cuda",
+) -> bool:
+    """Whether compressing saves time on this link (always True without a link hint)."""
+    if link_gbps is None:
+        return True
+    t_raw, t_comp = compression_times(codec, shape, dtype, link_gbps, device_type)
+    return t_comp < t_raw

@@ -1,0 +1,276 @@
+"""Residual state: one shared base per call site, warm-up, error feedback and statistics.
+
+Every activation that crosses a link is identified by a *site key* (any hashable, for
+example ``(layer, "kv", src_rank)``). The sender and every receiver of a site hold the same
+base. Per call::
+
+    sender:    payload = encode(x - base);   base <- base + decode(payload)
+    receiver:                                base <- base + decode(payload)
+
+Because the base is the *reconstruction*, whatever a codec got wrong this step is part of the
+next step's residual (error feedback), so quantization errors do not accumulate. The first
+``warmup_steps`` calls of a site, calls with a new shape or dtype, sites smaller than
+``min_numel`` and sites the policy declines are sent raw, which also sets the base exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .backend import resolve_backend
+from .codecs import PayloadError, decode_header, get_codec
+from .config import CompactConfig
+from .policy import worth_compressing
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SiteStats:
+    """Counters for one call site (bytes are what the payloads weigh, headers included)."""
+
+    role: str  # "send" or "recv"
+    shape: tuple[int, ...] = ()
+    dtype: str = ""
+    calls: int = 0
+    raw_bytes: int = 0  # the tensors' own size in their dtype
+    payload_bytes: int = 0
+    raw_sends: int = 0  # warm-up, shape change, too small, policy or non-finite
+    kernel_fallbacks: int = 0  # the Triton kernels declined the input; torch path used
+    nonfinite: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["ratio"] = self.raw_bytes / self.payload_bytes if self.payload_bytes else math.nan
+        return d
+
+
+@dataclass
+class _Site:
+    stats: SiteStats
+    base: torch.Tensor | None = None
+    codec_state: Any = None
+    calls: int = 0  # calls since the base was (re)started
+    base_finite: bool = True  # False after a raw send of a non-finite activation
+
+
+@dataclass
+class ResidualCompressor:
+    """Per-site residual compression state for one pipeline (or one collective).
+
+    ``encode(key, x)`` runs on the sender and returns a payload; ``decode(key, payload)`` runs
+    on each receiver and returns the reconstruction (its new base). Two compressors never
+    share state; ``reset()`` forgets all bases (call it between generations).
+
+    With ``error_feedback=False`` (an ablation) the sender keeps ``base <- x`` while receivers
+    keep their reconstruction, so the two sides' bases drift apart by design.
+    """
+
+    config: CompactConfig = field(default_factory=CompactConfig)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.config, CompactConfig):
+            raise TypeError(f"config must be a CompactConfig, got {type(self.config).__name__}")
+        self.codec = self.config.make_codec()
+        self._raw = get_codec("raw")
+        self._sites: dict[Hashable, _Site] = {}
+        self._warned: set[str] = set()
+
+    # --- decisions --------------------------------------------------------------------------
+    def will_compress(self, key: Hashable, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
+        """Whether the next ``encode(key, x)`` of this shape/dtype sends a compressed payload
+        (assuming finite input). Deterministic, so every rank can agree on payload sizes."""
+        cfg = self.config
+        if self.codec.lossless:
+            return False
+        site = self._sites.get(key)
+        if site is None or site.base is None or tuple(site.base.shape) != tuple(shape):
+            return False
+        if site.base.dtype != dtype or site.calls < cfg.warmup_steps:
+            return False
+        numel = math.prod(shape)
+        if numel < cfg.min_numel:
+            return False
+        if cfg.site_policy is not None and not cfg.site_policy(key, site.stats.calls):
+            return False
+        if cfg.policy == "auto":
+            device_type = "cuda" if torch.cuda.is_available() else "cpu"
+            return worth_compressing(
+                self.codec, shape, dtype, cfg.link_bandwidth_gbps(), device_type
+            )
+        return True
+
+    def payload_nbytes(self, key: Hashable, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        """Size of the next payload ``encode(key, x)`` returns for finite ``x``."""
+        if self.will_compress(key, shape, dtype):
+            return self.codec.payload_nbytes(shape, dtype)
+        return self._raw.payload_nbytes(shape, dtype)
+
+    def raw_payload_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        return self._raw.payload_nbytes(shape, dtype)
+
+    # --- sender -------------------------------------------------------------------------------
+    def encode(self, key: Hashable, x: torch.Tensor, force_raw: bool = False) -> torch.Tensor:
+        """Encode the activation ``x`` of site ``key``; updates the sender's base."""
+        site = self._site(key, "send", x)
+        compress = not force_raw and self.will_compress(key, tuple(x.shape), x.dtype)
+        if compress and not (site.base_finite and bool(torch.isfinite(x).all())):
+            # x - base would not be finite: send raw instead of storing NaN/Inf in a base.
+            site.stats.nonfinite += 1
+            self._warn_once("nonfinite", f"non-finite residual at site {key!r}: sent raw")
+            compress = False
+        if not compress:
+            payload = self._raw.encode(x)
+            site.base = x.detach().clone()
+            site.calls = 1
+            site.base_finite = bool(torch.isfinite(x).all())
+            site.stats.raw_sends += 1
+        else:
+            payload, site.base = self._encode_compressed(site, x)
+            site.calls += 1
+        self._count(site, x, payload)
+        return payload
+
+    def _encode_compressed(self, site: _Site, x: torch.Tensor):
+        cfg, codec = self.config, self.codec
+        if not cfg.residual:  # naive ablation: compress x itself
+            payload, recon = codec.encode_with_reconstruction(x, site.codec_state)
+            return payload, recon.to(x.dtype).reshape(x.shape)
+        if site.codec_state is None:
+            site.codec_state = codec.new_state()
+        payload, new_base = self._encode_residual(site, x)
+        if not cfg.error_feedback:  # ablation: sender keeps the exact activation
+            new_base = x.detach().clone()
+        return payload, new_base
+
+    def _encode_residual(self, site: _Site, x: torch.Tensor):
+        base = site.base
+        if resolve_backend(self.config.backend, x.device) == "triton":
+            from . import kernels
+
+            try:
+                return kernels.encode_residual(self.codec, x, base, site.codec_state)
+            except kernels.KernelUnsupported as exc:
+                site.stats.kernel_fallbacks += 1
+                self._warn_once(f"kernel:{exc}", f"Triton kernels declined ({exc}); using torch")
+        return self.codec.encode_residual(x, base, site.codec_state)
+
+    # --- receiver -----------------------------------------------------------------------------
+    def decode(
+        self, key: Hashable, payload: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Decode a payload of site ``key``; returns the receiver's new base.
+
+        With ``out`` the reconstruction is written there (for example a slice of a gathered
+        K/V buffer) and ``out`` becomes the site's base, so the caller must leave it untouched
+        until the next call of this site.
+        """
+        codec_id, dtype, shape, _, _ = decode_header(payload)
+        site = self._sites.get(key)
+        if site is None:
+            site = self._sites[key] = _Site(SiteStats("recv"))
+        if codec_id == self._raw.codec_id:
+            value = self._raw.decode(payload)
+            if out is not None:
+                out.copy_(value.reshape(out.shape))
+                value = out
+            site.base, site.calls = value, 1
+            site.stats.raw_sends += 1
+        elif codec_id != self.codec.codec_id:
+            raise PayloadError(
+                f"site {key!r}: payload of codec id {codec_id} but this compressor uses "
+                f"{self.codec.name!r} (id {self.codec.codec_id}); configs differ across ranks"
+            )
+        else:
+            if site.base is None and self.config.residual:
+                raise PayloadError(f"site {key!r}: compressed payload arrived before any base")
+            site.base = self._decode_compressed(site, payload, shape, dtype, out)
+            site.calls += 1
+        site.stats.shape, site.stats.dtype = tuple(shape), str(dtype).replace("torch.", "")
+        site.stats.calls += 1
+        site.stats.raw_bytes += math.prod(shape) * dtype.itemsize
+        site.stats.payload_bytes += payload.numel()
+        return site.base
+
+    def _decode_compressed(self, site, payload, shape, dtype, out):
+        if not self.config.residual:
+            value = self.codec.decode(payload)
+            if out is None:
+                return value
+            return out.copy_(value.reshape(out.shape))
+        base = site.base
+        if tuple(base.shape) != tuple(shape) or base.dtype != dtype:
+            raise PayloadError(
+                f"payload shape {tuple(shape)} {dtype} does not match the base "
+                f"{tuple(base.shape)} {base.dtype}; configs or call order differ across ranks"
+            )
+        if resolve_backend(self.config.backend, payload.device) == "triton":
+            from . import kernels
+
+            try:
+                return kernels.decode_residual(self.codec, payload, base, out)
+            except kernels.KernelUnsupported as exc:
+                site.stats.kernel_fallbacks += 1
+                self._warn_once(f"kernel:{exc}", f"Triton kernels declined ({exc}); using torch")
+        return self.codec.decode_residual(payload, base, out)
+
+    # --- bookkeeping --------------------------------------------------------------------------
+    def base(self, key: Hashable) -> torch.Tensor | None:
+        """The current base of a site (None before its first call)."""
+        site = self._sites.get(key)
+        return None if site is None else site.base
+
+    def reset(self) -> None:
+        """Forget all bases and codec states (keeps the statistics)."""
+        for site in self._sites.values():
+            site.base, site.codec_state, site.calls = None, None, 0
+
+    def reset_stats(self) -> None:
+        for site in self._sites.values():
+            site.stats = SiteStats(site.stats.role)
+
+    def stats(self) -> dict[str, Any]:
+        """Plain-dict statistics: per site and totals (bytes, ratio, calls, raw sends)."""
+        sites = {repr(k): s.stats.as_dict() for k, s in self._sites.items()}
+        total = SiteStats("all")
+        for s in self._sites.values():
+            for name in ("calls", "raw_bytes", "payload_bytes", "raw_sends"):
+                setattr(total, name, getattr(total, name) + getattr(s.stats, name))
+            total.kernel_fallbacks += s.stats.kernel_fallbacks
+            total.nonfinite += s.stats.nonfinite
+        sent = [s.stats for s in self._sites.values() if s.stats.role == "send"]
+        out = total.as_dict()
+        del out["role"], out["shape"], out["dtype"]
+        out["sent_raw_bytes"] = sum(s.raw_bytes for s in sent)
+        out["sent_payload_bytes"] = sum(s.payload_bytes for s in sent)
+        out["codec"] = self.codec.describe()
+        out["sites"] = sites
+        return out
+
+    def _site(self, key: Hashable, role: str, x: torch.Tensor) -> _Site:
+        site = self._sites.get(key)
+        if site is None:
+            site = self._sites[key] = _Site(SiteStats(role))
+        if site.base is not None and (
+            tuple(site.base.shape) != tuple(x.shape) or site.base.dtype != x.dtype
+        ):
+            site.base, site.codec_state, site.calls = None, None, 0  # restart with a raw send
+        return site
+
+    def _count(self, site: _Site, x: torch.Tensor, payload: torch.Tensor) -> None:
+        st = site.stats
+        st.shape, st.dtype = tuple(x.shape), str(x.dtype).replace("torch.", "")
+        st.calls += 1
+        st.raw_bytes += x.numel() * x.element_size()
+        st.payload_bytes += payload.numel()
+
+    def _warn_once(self, tag: str, message: str) -> None:
+        if tag not in self._warned:
+            self._warned.add(tag)
+            logger.warning("compactfusion: %s", message)

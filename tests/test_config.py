@@ -1,0 +1,70 @@
+"""CompactConfig validation, presets and fingerprints."""
+
+import pytest
+
+from compactfusion import PRESETS, CompactConfig
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_build(name):
+    cfg = CompactConfig.preset(name)
+    assert cfg.make_codec().name == cfg.codec
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown preset"):
+        CompactConfig.preset("int3")
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"codec": "int3"}, "codec"),
+        ({"warmup_steps": -1}, "warmup_steps"),
+        ({"warmup_steps": 1.5}, "warmup_steps"),
+        ({"min_numel": -5}, "min_numel"),
+        ({"residual": "yes"}, "residual"),
+        ({"mode": "tree"}, "mode"),
+        ({"policy": "sometimes"}, "policy"),
+        ({"policy": "auto"}, "link"),
+        ({"policy": "auto", "link": "carrier-pigeon"}, "link"),
+        ({"policy": "auto", "link": -3.0}, "link"),
+        ({"backend": "cuda"}, "backend"),
+        ({"site_policy": 3}, "site_policy"),
+        ({"codec": "lowrank", "codec_params": {"rank": 0}}, "codec_params"),
+        ({"codec": "nm_sparse", "codec_params": {"n": 4, "m": 4}}, "codec_params"),
+        ({"codec": "int2", "codec_params": {"group_size": 7}}, "codec_params"),
+        ({"codec": "int2", "codec_params": {"bogus": 1}}, "codec_params"),
+        ({"codec_params": [1, 2]}, "codec_params"),
+        ({"residual": False, "error_feedback": False}, "error_feedback"),
+    ],
+)
+def test_bad_values_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        CompactConfig(**kwargs)
+
+
+def test_declared_but_unbuilt_combination():
+    with pytest.raises(NotImplementedError, match="stale"):
+        CompactConfig(codec="int2", mode="stale")
+    CompactConfig(codec="raw", mode="stale")
+
+
+def test_frozen_and_fingerprint():
+    a = CompactConfig.preset("int2")
+    b = CompactConfig(codec="int2")
+    assert a == b and a.fingerprint() == b.fingerprint() and hash(a) == hash(b)
+    c = a.replace(warmup_steps=3)
+    assert c.fingerprint() != a.fingerprint()
+    with pytest.raises(AttributeError):
+        a.codec = "int1"  # type: ignore[misc]
+    # The caller's dict is copied, so mutating it later changes nothing.
+    params = {"group_size": 128}
+    d = CompactConfig(codec="int2", codec_params=params)
+    params["group_size"] = 64
+    assert d.codec_params["group_size"] == 128
+
+
+def test_link_hints():
+    assert CompactConfig(policy="auto", link="pcie").link_bandwidth_gbps() == 25.0
+    assert CompactConfig(policy="auto", link=3).link_bandwidth_gbps() == 3.0
