@@ -11,6 +11,7 @@ receiver share, with error feedback. Entry points:
 - ``compactfusion.codecs.get_codec``: the codecs (raw, fp8, int2, int1, nm_sparse, lowrank).
 """
 
+from .api import is_patched, patch, patched, stats, unpatch
 from .codecs import PayloadError, available_codecs, get_codec
 from .config import PRESETS, CompactConfig
 from .residual import ResidualCompressor
@@ -24,4 +25,9 @@ __all__ = [
     "ResidualCompressor",
     "available_codecs",
     "get_codec",
+    "is_patched",
+    "patch",
+    "patched",
+    "stats",
+    "unpatch",
 ]

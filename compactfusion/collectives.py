@@ -22,7 +22,6 @@ import torch
 import torch.distributed as dist
 
 from .codecs import encode_header
-from .codecs.base import decode_header
 from .residual import ResidualCompressor
 
 RETRY_MARKER_ID = 255
@@ -60,14 +59,16 @@ def _device_for(group: dist.ProcessGroup | None) -> torch.device:
     return torch.device("cpu")
 
 
-def _marker(x: torch.Tensor, nbytes: int) -> torch.Tensor:
+def retry_marker(x: torch.Tensor, nbytes: int) -> torch.Tensor:
+    """A payload-sized buffer announcing "my input was not finite: retry this exchange raw"."""
     hdr = encode_header(RETRY_MARKER_ID, x.dtype, tuple(x.shape))
     out = torch.zeros(nbytes, dtype=torch.uint8, device=x.device)
     out[: hdr.numel()] = hdr.to(x.device)
     return out
 
 
-def _is_marker(payload: torch.Tensor) -> bool:
+def is_retry_marker(payload: torch.Tensor) -> bool:
+    """Whether a received buffer is a retry marker rather than a payload."""
     return int(payload[3]) == RETRY_MARKER_ID
 
 
@@ -76,7 +77,7 @@ def _encode_fixed(
 ) -> torch.Tensor:
     payload = comp.encode(key, x)
     if payload.numel() != nbytes:  # non-finite input was sent raw: announce a retry
-        return _marker(x, nbytes)
+        return retry_marker(x, nbytes)
     return payload
 
 
@@ -108,8 +109,8 @@ def compressed_all_gather(
     gathered = torch.empty(world * nbytes, dtype=torch.uint8, device=x.device)
     dist.all_gather_into_tensor(gathered, payload, group=group)
     payloads = gathered.view(world, nbytes)
-    if any(_is_marker(payloads[r]) for r in range(world)):
-        return _raw_all_gather(comp, site, x, group, out)
+    if any(is_retry_marker(payloads[r]) for r in range(world)):
+        return raw_all_gather(comp, site, x, group, out)
     for r in range(world):
         if r == rank:
             out[r].copy_(x)
@@ -118,7 +119,8 @@ def compressed_all_gather(
     return out
 
 
-def _raw_all_gather(comp, site, x, group, out):
+def raw_all_gather(comp, site, x, group, out):
+    """All-gather raw payloads (restarts every rank's bases of ``site`` exactly)."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     nbytes = comp.raw_payload_nbytes(tuple(x.shape), x.dtype)
     payload = comp.encode((site, rank), x, force_raw=True)
@@ -163,15 +165,15 @@ def compressed_all_to_all(
         key = (site, rank, j)
         need = comp.payload_nbytes(key, shape, x.dtype)
         payload = _encode_fixed(comp, key, chunks[j], need)
-        retry |= _is_marker(payload)
+        retry |= is_retry_marker(payload)
         send[j, : payload.numel()] = payload
     if retry:
-        send[rank, :] = _marker(chunks[rank], nbytes)
+        send[rank, :] = retry_marker(chunks[rank], nbytes)
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
     out = torch.empty_like(x)
     out_chunks = out.chunk(world, dim=0)
-    if any(_is_marker(recv[i]) for i in range(world) if i != rank) or retry:
+    if any(is_retry_marker(recv[i]) for i in range(world) if i != rank) or retry:
         return _raw_all_to_all(comp, site, x, group)
     for i in range(world):
         if i == rank:
@@ -208,5 +210,6 @@ __all__ = [
     "check_consistent",
     "compressed_all_gather",
     "compressed_all_to_all",
-    "decode_header",
+    "raw_all_gather",
+    "retry_marker",
 ]

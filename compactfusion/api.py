@@ -1,0 +1,77 @@
+"""Public API: ``patch``, ``unpatch``, ``is_patched``, ``stats`` and ``patched``."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from .config import CompactConfig
+from .integrations import find_adapter
+
+STATE_ATTR = "_compactfusion_state"
+
+
+def _as_config(config: CompactConfig | str | None) -> CompactConfig:
+    if config is None:
+        return CompactConfig.preset("int2")
+    if isinstance(config, str):
+        return CompactConfig.preset(config)
+    if not isinstance(config, CompactConfig):
+        raise TypeError(
+            f"config must be a CompactConfig, a preset name or None, got {type(config).__name__}"
+        )
+    return config
+
+
+def patch(pipe: Any, config: CompactConfig | str | None = None) -> Any:
+    """Compress the activations ``pipe``'s ranks exchange; returns ``pipe``.
+
+    ``config`` is a :class:`CompactConfig`, a preset name (``"int2"``, ``"int1"``, ``"fp8"``,
+    ``"lowrank"``, ``"sparse"``, ``"off"``) or None for the ``int2`` preset. Patching is per
+    pipeline instance. Patching again with an equal config does nothing; with a different one
+    it raises ``ValueError`` (``unpatch`` first). Call it on every rank with the same config.
+    """
+    config = _as_config(config)
+    state = getattr(pipe, STATE_ATTR, None)
+    if state is not None:
+        if state.config == config:
+            return pipe
+        raise ValueError(
+            "this pipeline is already patched with a different CompactConfig; call "
+            "compactfusion.unpatch(pipe) first"
+        )
+    find_adapter(pipe).patch(pipe, config)
+    return pipe
+
+
+def unpatch(pipe: Any) -> Any:
+    """Restore ``pipe`` exactly as it was before ``patch``; returns ``pipe``."""
+    if getattr(pipe, STATE_ATTR, None) is None:
+        raise ValueError("this pipeline is not patched by compactfusion")
+    find_adapter(pipe).unpatch(pipe)
+    return pipe
+
+
+def is_patched(pipe: Any) -> bool:
+    """Whether ``pipe`` is currently patched."""
+    return getattr(pipe, STATE_ATTR, None) is not None
+
+
+def stats(pipe: Any) -> dict[str, Any]:
+    """This rank's statistics for the latest generation of a patched pipeline (plain dict):
+    bytes sent per step, raw bytes they replace, ratio, seconds per step, per-site detail."""
+    state = getattr(pipe, STATE_ATTR, None)
+    if state is None:
+        raise ValueError("this pipeline is not patched by compactfusion")
+    return state.stats()
+
+
+@contextlib.contextmanager
+def patched(pipe: Any, config: CompactConfig | str | None = None) -> Iterator[Any]:
+    """``with compactfusion.patched(pipe, "int1"): pipe(...)`` — unpatched again on exit."""
+    patch(pipe, config)
+    try:
+        yield pipe
+    finally:
+        unpatch(pipe)
