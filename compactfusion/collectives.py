@@ -155,8 +155,10 @@ def compressed_all_to_all(
         )
     chunks = x.chunk(world, dim=0)
     shape = tuple(chunks[0].shape)
-    sizes = {comp.payload_nbytes((site, rank, j), shape, x.dtype) for j in range(world)}
-    nbytes = max(sizes)
+    # Every rank is at the same call of the same sites, so all ranks find the same size.
+    nbytes = max(
+        comp.payload_nbytes((site, rank, j), shape, x.dtype) for j in range(world) if j != rank
+    )
     send = torch.zeros(world, nbytes, dtype=torch.uint8, device=x.device)
     retry = False
     for j in range(world):
@@ -180,7 +182,7 @@ def compressed_all_to_all(
             out_chunks[i].copy_(chunks[i])
             continue
         key = (site, i, rank)
-        need = comp.payload_nbytes(key, shape, x.dtype)
+        need = comp.received_nbytes(recv[i])
         # Decode into the site's own base, then copy: the returned tensor belongs to the caller.
         out_chunks[i].copy_(comp.decode(key, recv[i, :need]))
     return out

@@ -115,6 +115,13 @@ class ResidualCompressor:
     def raw_payload_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
         return self._raw.payload_nbytes(shape, dtype)
 
+    def received_nbytes(self, buffer: torch.Tensor) -> int:
+        """Size of the payload at the start of ``buffer`` (which may be padded), from its
+        header: lets a receiver slice payloads without knowing the sender's decision."""
+        codec_id, dtype, shape, _, _ = decode_header(buffer)
+        codec = self._raw if codec_id == self._raw.codec_id else self.codec
+        return codec.payload_nbytes(shape, dtype)
+
     # --- sender -------------------------------------------------------------------------------
     def encode(self, key: Hashable, x: torch.Tensor, force_raw: bool = False) -> torch.Tensor:
         """Encode the activation ``x`` of site ``key``; updates the sender's base."""
@@ -128,7 +135,7 @@ class ResidualCompressor:
         if not compress:
             payload = self._raw.encode(x)
             site.base = x.detach().clone()
-            site.calls = 1
+            site.calls += 1
             site.base_finite = bool(torch.isfinite(x).all())
             site.stats.raw_sends += 1
         else:
@@ -180,7 +187,11 @@ class ResidualCompressor:
             if out is not None:
                 out.copy_(value.reshape(out.shape))
                 value = out
-            site.base, site.calls = value, 1
+            restarted = site.base is None or (
+                tuple(site.base.shape) != tuple(shape) or site.base.dtype != dtype
+            )
+            site.base = value
+            site.calls = 1 if restarted else site.calls + 1
             site.stats.raw_sends += 1
         elif codec_id != self.codec.codec_id:
             raise PayloadError(
