@@ -212,6 +212,7 @@ def lowrank_base_update(
     ``base``).
     """
     _check_out(out, base)
+    check_dtype(base.dtype)
     rows, cols = rows_cols(tuple(base.shape))
     k = factors.p.shape[-1]
     if tuple(factors.p.shape) != (rows, k) or tuple(factors.q.shape) != (cols, k):

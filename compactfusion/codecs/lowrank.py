@@ -122,19 +122,22 @@ def reconstruct(f: LowRankFactors) -> torch.Tensor:
     return p @ q.T
 
 
+def _by_column_amax(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with each nonzero column divided by its max-abs (zero columns stay zero)."""
+    amax = t.abs().amax(dim=0)
+    return t / torch.where(amax > 0, amax, torch.ones_like(amax))
+
+
 def _orthonormalize(p: torch.Tensor) -> torch.Tensor:
-    # Column scaling does not change the span of any leading set of columns, so dividing each
-    # column by its max-abs first leaves the result unchanged while keeping the QR's norms far
-    # from float32 overflow/underflow for very large or very small residuals.
-    amax = p.abs().amax(dim=0)
-    p = p / torch.where(amax > 0, amax, torch.ones_like(amax))
-    return torch.linalg.qr(p, mode="reduced").Q
+    # Column scaling does not change the span of any leading set of columns, so scaling first
+    # leaves the result unchanged while keeping the QR's norms far from float32 overflow or
+    # underflow for very large or very small residuals.
+    return torch.linalg.qr(_by_column_amax(p), mode="reduced").Q
 
 
 def _unit_columns(q: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
-    # Scale by max-abs before the norm so huge columns cannot overflow it.
-    amax = q.abs().amax(dim=0)
-    q = q / torch.where(amax > 0, amax, torch.ones_like(amax))
+    # Columns that come out zero (or non-finite) keep their previous direction.
+    q = _by_column_amax(q)  # so the norm cannot overflow
     norm = torch.linalg.vector_norm(q, dim=0)
     ok = (norm > 0) & torch.isfinite(norm)
     return torch.where(ok, q / torch.where(ok, norm, torch.ones_like(norm)), previous)
