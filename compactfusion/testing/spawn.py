@@ -54,9 +54,11 @@ def spawn_ranks(
     Each child sets ``MASTER_ADDR``/``MASTER_PORT``/``RANK``/``LOCAL_RANK``/``WORLD_SIZE`` (so
     code that initialises from ``env://`` finds the same world), applies ``env``, calls
     ``torch.distributed.init_process_group`` over ``tcp://127.0.0.1:<free port>``, runs ``fn``
-    and destroys the process group in ``finally`` (if ``fn`` has not already done so). With the
-    gloo backend each rank is limited to ``cpu_count // world_size`` intra-op threads unless
-    ``env`` sets ``OMP_NUM_THREADS``, so that ranks do not oversubscribe the CPU.
+    and destroys the process group in ``finally`` (if ``fn`` has not already done so). Each rank
+    uses ``OMP_NUM_THREADS`` intra-op threads when that is set (in ``env`` or inherited), and
+    otherwise, with gloo, ``cpu_count // world_size``, so that ranks do not oversubscribe the
+    CPU. Ranks are daemon processes: ``fn`` may run subprocesses but not start
+    ``multiprocessing`` children of its own.
 
     Args:
         fn: a picklable (module-level) function called as ``fn(rank, world_size, *args)``.
@@ -207,7 +209,10 @@ def _run_rank(fn, rank, world_size, args, port, backend, env, timeout, results_q
             }
         )
         os.environ.update(env)
-        if backend == "gloo" and "OMP_NUM_THREADS" not in env:
+        # torch was imported (to unpickle this function) before env was applied: set threads now.
+        if os.environ.get("OMP_NUM_THREADS"):
+            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        elif backend == "gloo":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         if backend == "nccl":
             torch.cuda.set_device(rank)
