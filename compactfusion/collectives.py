@@ -27,6 +27,16 @@ from .residual import ResidualCompressor
 RETRY_MARKER_ID = 255
 
 
+def all_gather_flat(out: torch.Tensor, inp: torch.Tensor, group=None, async_op: bool = False):
+    """All-gather ``inp`` into ``out`` (``world * inp.numel()`` elements, rank order).
+
+    torch 2.13 renamed ``all_gather_into_tensor`` to ``all_gather_single``; use whichever this
+    torch has (looked up at call time, so wrappers installed by tests see the traffic).
+    """
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return fn(out, inp, group=group, async_op=async_op)
+
+
 class ConfigMismatchError(ValueError):
     """Ranks were configured differently; raised on every rank."""
 
@@ -42,7 +52,7 @@ def check_consistent(description: str, group: dist.ProcessGroup | None = None) -
     mine = torch.frombuffer(bytearray(digest), dtype=torch.uint8).to(_device_for(group))
     world = dist.get_world_size(group)
     gathered = torch.empty(world * len(digest), dtype=torch.uint8, device=mine.device)
-    dist.all_gather_into_tensor(gathered, mine, group=group)
+    all_gather_flat(gathered, mine, group)
     rows = gathered.view(world, len(digest)).cpu()
     bad = [r for r in range(world) if not torch.equal(rows[r], rows[0])]
     if bad:
@@ -107,7 +117,7 @@ def compressed_all_gather(
     nbytes = comp.payload_nbytes(key, tuple(x.shape), x.dtype)
     payload = _encode_fixed(comp, key, x, nbytes)
     gathered = torch.empty(world * nbytes, dtype=torch.uint8, device=x.device)
-    dist.all_gather_into_tensor(gathered, payload, group=group)
+    all_gather_flat(gathered, payload, group)
     payloads = gathered.view(world, nbytes)
     if any(is_retry_marker(payloads[r]) for r in range(world)):
         return raw_all_gather(comp, site, x, group, out)
@@ -125,7 +135,7 @@ def raw_all_gather(comp, site, x, group, out):
     nbytes = comp.raw_payload_nbytes(tuple(x.shape), x.dtype)
     payload = comp.encode((site, rank), x, force_raw=True)
     gathered = torch.empty(world * nbytes, dtype=torch.uint8, device=x.device)
-    dist.all_gather_into_tensor(gathered, payload, group=group)
+    all_gather_flat(gathered, payload, group)
     payloads = gathered.view(world, nbytes)
     for r in range(world):
         if r == rank:

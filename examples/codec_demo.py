@@ -12,14 +12,18 @@ step (step 0 is the raw warm-up).
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 import torch
 import torch.distributed as dist
 
-from compactfusion import CompactConfig, ResidualCompressor, get_codec
-from compactfusion.collectives import check_consistent, compressed_all_gather
-from compactfusion.testing import spawn_ranks
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from compactfusion import CompactConfig, ResidualCompressor, get_codec  # noqa: E402
+from compactfusion.collectives import check_consistent, compressed_all_gather  # noqa: E402
+from compactfusion.testing import spawn_ranks  # noqa: E402
 
 CODECS = [
     ("raw", {}, "raw"),

@@ -19,6 +19,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 
 import torch
 
@@ -31,12 +32,19 @@ RUNS = [("uncompressed", "off"), ("int2", "int2"), ("int1", "int1")]
 
 
 def _rank(rank: int, world: int, steps: int, size: int, head_dim: int):
+    os.environ.setdefault("LOG_LEVEL", "error")  # xfuser logs every wrapped layer otherwise
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*kept in float32.*")
     from compactfusion.testing import prepare_xfuser_cpu
 
     prepare_xfuser_cpu()
+    from diffusers.utils import logging as diffusers_logging
+
     import compactfusion as cf
     from compactfusion.testing.tiny_pipelines import build_pipeline, generate
 
+    diffusers_logging.set_verbosity_error()
     torch.set_num_threads(1)
     pipe = build_pipeline("flux", ring=world, dtype=torch.bfloat16, head_dim=head_dim)
     results = {}

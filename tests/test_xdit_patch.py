@@ -50,7 +50,11 @@ class ByteCounter:
         import torch.distributed as dist
 
         self.dist, self.bytes, self.saved = dist, 0, {}
-        for name in ("all_gather_into_tensor", "all_to_all_single", "batch_isend_irecv"):
+        names = ("all_gather_into_tensor", "all_gather_single", "all_to_all_single",
+                 "batch_isend_irecv")  # fmt: skip
+        for name in names:
+            if not hasattr(dist, name):
+                continue
             self.saved[name] = getattr(dist, name)
             setattr(dist, name, self._wrap(name, self.saved[name]))
 

@@ -42,6 +42,7 @@ import torch.distributed as dist
 from ..attention import attend, blocks_to_sequence, merge
 from ..collectives import (
     RETRY_MARKER_ID,
+    all_gather_flat,
     check_consistent,
     compressed_all_gather,
     compressed_all_to_all,
@@ -429,7 +430,7 @@ def _stale_attention(state, layer, attention_function, query, key, value, group,
         entry["work"].wait()
     if fresh:  # warm-up: a synchronous, exact gather
         gathered = local.new_empty(world * local.numel())
-        dist.all_gather_into_tensor(gathered, local.reshape(-1), group=group)
+        all_gather_flat(gathered, local.reshape(-1), group)
         gathered = gathered.view(world, *local.shape)
         state.stale_bytes += local.numel() * local.element_size()
     else:
@@ -441,7 +442,7 @@ def _stale_attention(state, layer, attention_function, query, key, value, group,
     )
     # Start gathering this step's K/V for the next step; it overlaps the rest of this step.
     nxt = local.new_empty(world * local.numel())
-    work = dist.all_gather_into_tensor(nxt, local.reshape(-1), group=group, async_op=True)
+    work = all_gather_flat(nxt, local.reshape(-1), group, async_op=True)
     nxt = nxt.view(world, *local.shape)
     state.stale_bytes += local.numel() * local.element_size()
     state.stale[layer] = {"buffer": nxt, "work": work, "shape": tuple(local.shape)}
