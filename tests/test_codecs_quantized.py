@@ -1,0 +1,377 @@
+"""Reference codecs int1, int2, fp8 and nm_sparse: round trips, error bounds, wire sizes and
+payload validation."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+import torch
+
+from compactfusion.codecs import PayloadError, get_codec, header_nbytes
+from compactfusion.codecs._grouped import unpack_bits
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+CONFIGS = [
+    ("int1", {}),
+    ("int1", {"group_size": 8}),
+    ("int2", {}),
+    ("int2", {"group_size": 64}),
+    ("fp8", {}),
+    ("nm_sparse", {}),
+    ("nm_sparse", {"n": 2, "m": 8}),
+    ("nm_sparse", {"n": 3, "m": 16}),
+]
+SHAPES = [(1, 1), (5, 123), (7, 96), (3, 256), (2, 3, 40), (2, 1, 3, 17), ()]
+IDS = [f"{n}-{'-'.join(f'{k}{v}' for k, v in kw.items())}" for n, kw in CONFIGS]
+
+
+def _codec(name, kw):
+    return get_codec(name, **kw)
+
+
+def _data(payload, shape):
+    return payload[header_nbytes(len(shape)) :]
+
+
+def _roundtrip(codec, x):
+    payload, recon = codec.encode_with_reconstruction(x)
+    assert payload.dtype == torch.uint8 and payload.dim() == 1
+    assert payload.numel() == codec.payload_nbytes(x.shape, x.dtype)
+    assert payload.numel() % 16 == 0
+    out = codec.decode(payload)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    # the sender's reconstruction is the receiver's decode, bit for bit
+    assert torch.equal(recon.to(x.dtype).reshape(x.shape), out)
+    assert torch.equal(codec.encode(x), payload)  # deterministic
+    return payload, recon.reshape(x.shape), out
+
+
+# --- round trips --------------------------------------------------------------------------------
+@pytest.mark.parametrize(("name", "kw"), CONFIGS, ids=IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_roundtrip_shapes(name, kw, dtype, shape):
+    codec = _codec(name, kw)
+    torch.manual_seed(0)
+    x = torch.randn(shape).to(dtype)
+    _, recon, _ = _roundtrip(codec, x)
+    assert bool(torch.isfinite(recon).all())
+
+
+@pytest.mark.parametrize("name", ["int1", "int2", "fp8", "nm_sparse"])
+def test_roundtrip_large(name):
+    codec = get_codec(name)
+    torch.manual_seed(1)
+    x = torch.randn(1024, 3072).bfloat16()
+    _, recon, _ = _roundtrip(codec, x)
+    err = (recon - x.float()).norm() / x.float().norm()
+    assert err < {"int1": 0.65, "int2": 0.45, "fp8": 0.05, "nm_sparse": 0.8}[name]
+
+
+@pytest.mark.parametrize(("name", "kw"), CONFIGS, ids=IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_zeros_and_tiny_decode_to_zero(name, kw, dtype):
+    codec = _codec(name, kw)
+    for x in (torch.zeros(4, 40), torch.full((4, 40), 2.0**-101), -torch.zeros(3, 9)):
+        x = x.to(dtype)
+        _, _, out = _roundtrip(codec, x)
+        if name != "nm_sparse":  # nm_sparse keeps the exact values of the kept entries
+            assert bool((out == 0).all())
+
+
+@pytest.mark.parametrize(("name", "kw"), CONFIGS, ids=IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_constant_input(name, kw, dtype):
+    codec = _codec(name, kw)
+    x = torch.full((6, 72), -3.0, dtype=dtype)
+    _, _, out = _roundtrip(codec, x)
+    expect = {"int1": -3.0, "int2": -3.0 * 0.625, "fp8": -3.0}.get(name)
+    if name == "nm_sparse":
+        assert int((out != 0).sum()) == 6 * sum(
+            min(codec.n, 72 - g * codec.m) for g in range(-(-72 // codec.m))
+        )
+        assert bool(((out == 0) | (out == -3.0)).all())
+    else:
+        assert torch.allclose(out.float(), torch.full_like(out.float(), expect), rtol=2**-4)
+
+
+@pytest.mark.parametrize(("name", "kw"), CONFIGS, ids=IDS)
+@pytest.mark.parametrize(
+    ("dtype", "scale"),
+    [
+        (torch.float32, 1e30),
+        (torch.float32, 1e-30),
+        (torch.float32, 1e-31),  # below 2**-100: scales are zero
+        (torch.float16, 3e4),
+        (torch.float16, 1e-5),
+        (torch.bfloat16, 1e30),
+        (torch.bfloat16, 1e-30),
+    ],
+    ids=str,
+)
+def test_extreme_magnitudes(name, kw, dtype, scale):
+    codec = _codec(name, kw)
+    torch.manual_seed(2)
+    x = (torch.randn(5, 48).clamp(-2, 2) * scale).to(dtype)
+    _, recon, out = _roundtrip(codec, x)
+    assert bool(torch.isfinite(out).all())
+    xf = x.double()
+    rel = ((recon.double() - xf).norm() / xf.norm().clamp_min(1e-300)).item()
+    if scale >= 1e-30 or dtype == torch.float16:
+        assert rel < 1.0
+        if name == "fp8":
+            assert rel < 0.06
+
+
+@pytest.mark.parametrize("name", ["int1", "int2", "fp8", "nm_sparse"])
+def test_non_finite_input_raises(name):
+    codec = get_codec(name)
+    for bad in (float("inf"), float("nan")):
+        x = torch.randn(3, 16)
+        x[1, 5] = bad
+        with pytest.raises(ValueError, match="non-finite"):
+            codec.encode(x)
+
+
+# --- error bounds -------------------------------------------------------------------------------
+def _scales(codec, payload, rows, cols, shape):
+    lay = codec.layout(rows, cols)
+    data = _data(payload, shape)
+    s = data[lay.scales_offset : lay.scales_offset + 2 * rows * lay.ngroups]
+    return s.view(torch.bfloat16).float().reshape(rows, lay.ngroups), lay
+
+
+@pytest.mark.parametrize("group_size", [8, 64, 256])
+def test_int1_sign_and_scale(group_size):
+    codec = get_codec("int1", group_size=group_size)
+    torch.manual_seed(3)
+    r = torch.randn(9, 300) * torch.rand(9, 1) * 10
+    payload, recon = codec.encode_with_reconstruction(r)
+    s, lay = _scales(codec, payload, 9, 300, r.shape)
+    assert bool(((recon >= 0) == (r >= 0)).all())
+    per_elem = s.repeat_interleave(lay.group, 1)[:, :300]
+    assert torch.equal(recon.abs(), per_elem)
+    # the scale is the group mean of |r|: bf16 rounding plus < 2**(E-15) per element
+    rp = torch.nn.functional.pad(r.abs().double(), (0, lay.padded_cols - 300))
+    rp = rp.reshape(9, lay.ngroups, lay.group)
+    counts = torch.tensor([min(lay.group, 300 - g * lay.group) for g in range(lay.ngroups)])
+    mean = rp.sum(-1) / counts
+    assert bool(((s.double() - mean).abs() <= mean * 2**-8 + rp.amax(-1) * 2**-15).all())
+
+
+def test_grouped_scale_is_order_independent():
+    codec = get_codec("int2", group_size=64)
+    torch.manual_seed(4)
+    r = torch.randn(16, 64) * 1e3
+    perm = torch.randperm(64)
+    p1, _ = codec.encode_with_reconstruction(r)
+    p2, _ = codec.encode_with_reconstruction(r[:, perm])
+    s1, _ = _scales(codec, p1, 16, 64, r.shape)
+    s2, _ = _scales(codec, p2, 16, 64, r.shape)
+    assert torch.equal(s1, s2)
+
+
+@pytest.mark.parametrize("group_size", [8, 96, 256])
+def test_int2_error_bound(group_size):
+    codec = get_codec("int2", group_size=group_size)
+    torch.manual_seed(5)
+    r = torch.randn(11, 500) ** 3
+    payload, recon = codec.encode_with_reconstruction(r)
+    d, lay = _scales(codec, payload, 11, 500, r.shape)
+    d = d.repeat_interleave(lay.group, 1)[:, :500].double()
+    err = (recon.double() - r.double()).abs()
+    assert bool((err <= torch.maximum(d, r.double().abs() - 3 * d)).all())
+    levels = recon.double() / d
+    assert bool(torch.isin(levels, torch.tensor([-3.0, -1.0, 1.0, 3.0], dtype=torch.double)).all())
+
+
+def test_fp8_error_bound_and_codes():
+    codec = get_codec("fp8")
+    torch.manual_seed(6)
+    r = torch.randn(13, 333) * torch.logspace(-20, 20, 13).unsqueeze(1)
+    r[3] = 0
+    payload, recon = codec.encode_with_reconstruction(r)
+    m = r.abs().amax(1, keepdim=True).double()
+    assert bool(((recon.double() - r.double()).abs() <= m * 2**-4).all())
+    codes = _data(payload, r.shape)[: 13 * 333].view(torch.float8_e4m3fn).float().reshape(13, 333)
+    assert float(codes.abs().max()) <= 448.0
+    assert bool((recon[3] == 0).all())
+
+
+def _brute_force_keep(r, n, m):
+    rows, cols = r.shape
+    keep = torch.zeros(rows, cols, dtype=torch.bool)
+    for i in range(rows):
+        for g0 in range(0, cols, m):
+            a = r[i, g0 : g0 + m].abs().tolist()
+            order = sorted(range(len(a)), key=lambda k: (-a[k], k))
+            for k in order[:n]:
+                keep[i, g0 + k] = True
+    return keep
+
+
+@pytest.mark.parametrize(("n", "m"), [(1, 4), (2, 4), (2, 8), (3, 16), (1, 2)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nm_keeps_exactly_the_n_largest(n, m, dtype):
+    codec = get_codec("nm_sparse", n=n, m=m)
+    torch.manual_seed(7)
+    x = torch.randint(-3, 4, (6, 45)).float() * 0.5  # many ties
+    x = x.to(dtype)
+    _, recon = codec.encode_with_reconstruction(x)
+    keep = _brute_force_keep(x.float(), n, m)
+    assert torch.equal(recon != 0, keep & (x.float() != 0))
+    assert torch.equal(recon[keep], x.float()[keep])
+
+
+def test_nm_indices_ascending_and_padding():
+    codec = get_codec("nm_sparse", n=2, m=4)
+    x = torch.tensor([[0.0, 5.0, -7.0, 1.0, 2.0, 0.0]])  # 2 groups, the last one padded
+    payload = codec.encode(x)
+    lay = codec.layout(1, 6, torch.float32)
+    data = _data(payload, x.shape)
+    vals = data[: lay.values_nbytes].view(torch.float32).tolist()
+    idx = data[lay.index_offset : lay.index_offset + lay.index_row_bytes].reshape(1, -1)
+    idx = unpack_bits(idx, lay.index_bits, lay.slots).tolist()[0]
+    assert idx == [1, 2, 0, 1] and vals == [5.0, -7.0, 2.0, 0.0]
+    assert codec.decode(payload).tolist() == [[0.0, 5.0, -7.0, 0.0, 2.0, 0.0]]
+
+
+def test_nm_values_saturate_in_fp16():
+    codec = get_codec("nm_sparse")
+    x = torch.tensor([[1e5, 0.0, 0.0, 0.0, -1e6, 0.0, 0.0, 0.0]])
+    payload, recon = codec.encode_with_reconstruction(x, dtype=torch.float16)
+    assert recon.tolist()[0][0] == 65504.0 and recon.tolist()[0][4] == -65504.0
+
+
+# --- sizes --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "kw", "ratio"),
+    [
+        ("int1", {}, 14.0),
+        ("int2", {}, 7.0),
+        ("fp8", {}, 1.99),
+        ("nm_sparse", {}, 2.5),
+        ("nm_sparse", {"n": 1, "m": 8}, 5.0),
+    ],
+)
+def test_wire_ratio_vs_bf16(name, kw, ratio):
+    shape = (4096, 3072)
+    codec = get_codec(name, **kw)
+    assert 2 * 4096 * 3072 / codec.payload_nbytes(shape, torch.bfloat16) >= ratio
+
+
+def test_payload_nbytes_formulas():
+    hdr = header_nbytes(2)
+    assert get_codec("int1").payload_nbytes((4, 512), torch.bfloat16) == hdr + 4 * 64 + 16
+    assert get_codec("int2", group_size=8).payload_nbytes((1, 8), torch.float32) == hdr + 32
+    assert get_codec("fp8").payload_nbytes((3, 10), torch.float16) == hdr + 32 + 16
+    # 1:4, bf16, 10 channels -> 3 groups, 3 values (6 bytes) + 6 index bits (1 byte)
+    assert get_codec("nm_sparse").payload_nbytes((2, 10), torch.bfloat16) == hdr + 16 + 16
+
+
+# --- parameters ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "kw", "param"),
+    [
+        ("int1", {"group_size": 12}, "group_size"),
+        ("int1", {"group_size": 512}, "group_size"),
+        ("int2", {"group_size": 0}, "group_size"),
+        ("int2", {"group_size": 8.0}, "group_size"),
+        ("nm_sparse", {"m": 6}, "m"),
+        ("nm_sparse", {"m": 512}, "m"),
+        ("nm_sparse", {"n": 4, "m": 4}, "n"),
+        ("nm_sparse", {"n": 0}, "n"),
+    ],
+)
+def test_bad_params_raise(name, kw, param):
+    with pytest.raises(ValueError, match=param):
+        get_codec(name, **kw)
+
+
+def test_defaults_describe_and_header_params():
+    assert get_codec("int1").describe() == {"name": "int1", "group_size": 256}
+    assert get_codec("int2", group_size=32).header_params() == (32, 0, 0, 0)
+    assert get_codec("fp8").describe() == {"name": "fp8"}
+    nm = get_codec("nm_sparse")
+    assert nm.describe() == {"name": "nm_sparse", "n": 1, "m": 4}
+    assert nm.header_params() == (1, 4, 0, 0)
+    assert {c: get_codec(c).codec_id for c in ("fp8", "int2", "int1", "nm_sparse")} == {
+        "fp8": 1,
+        "int2": 2,
+        "int1": 3,
+        "nm_sparse": 4,
+    }
+    for name in ("int1", "int2", "fp8", "nm_sparse"):
+        codec = get_codec(name)
+        assert type(codec).from_header_params(codec.header_params()).describe() == codec.describe()
+        assert codec.__doc__ and "Layout" in codec.__doc__
+
+
+# --- corrupt payloads ---------------------------------------------------------------------------
+def _patched(payload, offset, fmt, value):
+    raw = bytearray(bytes(payload.tolist()))
+    struct.pack_into(fmt, raw, offset, value)
+    return torch.frombuffer(raw, dtype=torch.uint8).clone()
+
+
+@pytest.mark.parametrize(("name", "kw"), CONFIGS, ids=IDS)
+def test_corrupt_payloads_raise(name, kw):
+    codec = _codec(name, kw)
+    x = torch.randn(3, 40)
+    p = codec.encode(x)
+    bad = {
+        "magic": _patched(p, 0, "<2s", b"XX"),
+        "version": _patched(p, 2, "<B", 99),
+        "codec": _patched(p, 3, "<B", 0 if codec.codec_id != 0 else 1),
+        "param": _patched(p, 8, "<H", codec.header_params()[0] + 1),
+        "shape": _patched(p, 16, "<q", 4),
+        "truncated": p[:-16],
+        "padded": torch.cat([p, torch.zeros(16, dtype=torch.uint8)]),
+        "short": p[:10],
+    }
+    for what, q in bad.items():
+        with pytest.raises(PayloadError):
+            codec.decode(q)
+            pytest.fail(f"decode accepted a payload with a bad {what}")
+        with pytest.raises(PayloadError):
+            codec.decode_residual(q, torch.zeros(3, 40))
+    # a header naming another dtype decodes (as that dtype) but not onto this base
+    with pytest.raises(PayloadError):
+        codec.decode_residual(_patched(p, 4, "<B", 1), torch.zeros(3, 40))
+    other = get_codec("int2" if name != "int2" else "int1")
+    with pytest.raises(PayloadError):
+        other.decode(p)
+    with pytest.raises(PayloadError):  # base of another shape
+        codec.decode_residual(p, torch.zeros(3, 41))
+    with pytest.raises(PayloadError):  # base of another dtype
+        codec.decode_residual(p, torch.zeros(3, 40, dtype=torch.float16))
+
+
+def test_nm_corrupt_index_raises():
+    codec = get_codec("nm_sparse", n=1, m=8)  # 4-bit indices can hold values >= 8
+    p = codec.encode(torch.randn(2, 16))
+    lay = codec.layout(2, 16, torch.float32)
+    q = p.clone()
+    q[header_nbytes(2) + lay.index_offset] = 0xFF
+    with pytest.raises(PayloadError, match="index"):
+        codec.decode(q)
+
+
+# --- residual steps -----------------------------------------------------------------------------
+@pytest.mark.parametrize(("name", "kw"), CONFIGS, ids=IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_error_feedback_sender_and_receiver_agree(name, kw, dtype):
+    codec = _codec(name, kw)
+    torch.manual_seed(8)
+    x = torch.randn(8, 64).to(dtype)
+    send = torch.zeros_like(x)
+    recv = torch.zeros_like(x)
+    first = None
+    for _ in range(12):
+        payload, send = codec.encode_residual(x, send)
+        recv = codec.decode_residual(payload, recv, out=recv)
+        assert torch.equal(send, recv)
+        err = (x.float() - send.float()).norm().item()
+        first = err if first is None else first
+    assert err < 0.5 * first  # error feedback: repeated steps converge towards x
