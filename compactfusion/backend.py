@@ -11,7 +11,7 @@ ENV_VAR = "COMPACTFUSION_BACKEND"
 _CHOICES = ("auto", "torch", "triton")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> bool:
     """Whether ``compactfusion.kernels`` (and so Triton) can be imported."""
     try:

@@ -66,7 +66,9 @@ def _rank(rank: int, world: int, rows: int, cols: int, steps: int):
         report[label] = {
             "errors": errors,
             "seconds": time.perf_counter() - start,
-            "bytes_after_warmup": (sent["payload_bytes"] - comp.raw_payload_nbytes(x.shape, x.dtype))
+            "bytes_after_warmup": (
+                sent["payload_bytes"] - comp.raw_payload_nbytes(x.shape, x.dtype)
+            )
             / max(steps - 1, 1),
         }
     return report
@@ -82,8 +84,10 @@ def main() -> None:
     results = spawn_ranks(_rank, world, args.rows, args.cols, args.steps, timeout=1200)
     report = results[0]
     raw_bytes = args.rows * args.cols * 2
-    print(f"activation {args.rows}x{args.cols} bf16 ({raw_bytes / 2**20:.1f} MiB), {world} gloo "
-          f"ranks, {args.steps} steps (step 0 = raw warm-up), torch {torch.__version__}")
+    print(
+        f"activation {args.rows}x{args.cols} bf16 ({raw_bytes / 2**20:.1f} MiB), {world} gloo "
+        f"ranks, {args.steps} steps (step 0 = raw warm-up), torch {torch.__version__}"
+    )
     head = ["codec", "ratio vs bf16", "sent/rank/step"] + [f"err s{i}" for i in range(args.steps)]
     print(" | ".join(head))
     print(" | ".join("---" for _ in head))

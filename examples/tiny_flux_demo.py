@@ -99,8 +99,10 @@ def main() -> None:
         ratio = statistics.median(base_bytes[1:]) / sent
         step_s = statistics.median(st["seconds_per_step"])
         quality = psnr(r["image"], ref)
-        print(f"{label} | {sent / 1024:.1f} KiB | {ratio:.1f}x | {step_s * 1e3:.1f} ms | "
-              f"{quality:.1f} dB")
+        print(
+            f"{label} | {sent / 1024:.1f} KiB | {ratio:.1f}x | {step_s * 1e3:.1f} ms | "
+            f"{quality:.1f} dB"
+        )
         save_png(r["image"], os.path.join(args.out, f"{label}.png"))
         summary[label] = {
             "bytes_per_step": st["bytes_per_step"],

@@ -56,6 +56,7 @@ DEVICES = [
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 CONFIGS = [
     ("int1", {}),
+    ("int1", {"group_size": 8}),
     ("int2", {}),
     ("int2", {"group_size": 32}),
     ("fp8", {}),
@@ -81,6 +82,11 @@ def _inputs(shape, dtype, device, kind="randn", seed=0):
         x = torch.randint(-2, 3, shape, generator=g).float() * 0.5
         base = torch.zeros(shape)
         base.view(-1)[::3] = -0.0
+    elif kind == "spread":  # |x| from 2**-16 to 1 within each token: fp8 subnormal codes
+        mag = torch.rand(shape, generator=g) * -16.0
+        sign = torch.randint(0, 2, shape, generator=g).float() * 2 - 1
+        x = sign * torch.exp2(mag) * torch.logspace(-3, 3, shape[0]).reshape(-1, 1)
+        base = torch.zeros(shape)
     elif kind == "wide":  # token scales from 1e-30 to 1e30 (fp32/bf16) and fp8 subnormals
         x = torch.randn(shape, generator=g)
         x = x * torch.logspace(-30, 30, shape[0]).reshape(-1, *[1] * (len(shape) - 1))
@@ -115,13 +121,21 @@ def test_matches_reference(device, name, kw, dtype, shape):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("name", "kw"), CONFIGS, ids=IDS)
-@pytest.mark.parametrize("kind", ["zero", "constant", "ties", "wide"])
+@pytest.mark.parametrize("kind", ["zero", "constant", "ties", "spread", "wide"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_special_inputs(device, name, kw, kind, dtype):
     if kind == "wide" and dtype == torch.float16:
         pytest.skip("fp16 cannot hold 1e30")
     codec = get_codec(name, **kw)
     _check(codec, *_inputs((9, 40), dtype, device, kind))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("n", "m"), [(1, 2), (4, 32), (8, 16)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(7, 96), (3, 70)], ids=str)
+def test_nm_sparse_index_widths(device, n, m, dtype, shape):
+    _check(get_codec("nm_sparse", n=n, m=m), *_inputs(shape, dtype, device, "ties"))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -255,6 +269,33 @@ def test_unsupported_layouts_raise(device):
         K.encode_residual(codec, x, base.half())
     with pytest.raises(ValueError, match="out"):
         K.encode_residual(codec, x, base, out=torch.zeros(4, 6, 15, device=device))
+
+
+def test_benchmark_smoke(tmp_path):
+    """``benchmarks/kernels.py --device cpu`` runs end to end and writes its CSV and plot."""
+    import csv
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(compactfusion.__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(script, "kernels.py"), "--device", "cpu"]
+        + ["--codecs", "int1", "--reps", "1", "--out", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with open(tmp_path / "kernels.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["op"], r["impl"]) for r in rows} == {
+        (op, impl) for op in ("encode", "decode") for impl in ("triton", "torch")
+    }
+    assert all(r["torch"] == torch.__version__ and r["device"] for r in rows)
+    assert all(float(r["median_us"]) > 0 and int(r["min_bytes"]) > 0 for r in rows)
 
 
 @pytest.mark.skipif(CUDA, reason="the CUDA tests compile the kernels for real")

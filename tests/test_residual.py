@@ -57,9 +57,7 @@ def _final_error(cfg, seq):
     return float((recon.float() - seq[-1].float()).norm() / seq[-1].float().norm())
 
 
-@pytest.mark.parametrize(
-    "codec, params", [("int1", {}), ("int2", {}), ("lowrank", {"rank": 8})]
-)
+@pytest.mark.parametrize("codec, params", [("int1", {}), ("int2", {}), ("lowrank", {"rank": 8})])
 def test_error_feedback_beats_no_feedback_beats_naive(codec, params):
     seq = drifting_sequence()
     base = dict(codec=codec, codec_params=params, warmup_steps=1)

@@ -264,7 +264,10 @@ def _four_rank_checks(rank, world, device):
     from compactfusion.testing.tiny_pipelines import build_pipeline, generate
 
     res = {}
-    for kind, degrees in (("flux", {"ring": 2, "ulysses": 2}), ("cogvideox", {"ring": 2, "cfg": 2})):
+    for kind, degrees in (
+        ("flux", {"ring": 2, "ulysses": 2}),
+        ("cogvideox", {"ring": 2, "cfg": 2}),
+    ):
         pipe = build_pipeline(kind, device=device, **degrees)
         plain = generate(pipe, kind, steps=3)
         with cf.patched(pipe, "off"):

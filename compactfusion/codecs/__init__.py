@@ -16,6 +16,7 @@ from .base import (
 )
 from .registry import available_codecs, codec_class, get_codec, register_codec
 
+
 def _register_builtin_codecs() -> None:
     # Every module in this package other than the plumbing defines and registers one codec.
     import importlib

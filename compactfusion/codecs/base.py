@@ -289,7 +289,9 @@ def decode_header(
     hdr = header_nbytes(ndim)
     if payload.numel() < hdr:
         raise PayloadError("payload is truncated inside its header")
-    shape = struct.unpack(f"<{ndim}q", bytes(payload[_FIXED.size : _FIXED.size + 8 * ndim].cpu().tolist()))
+    shape = struct.unpack(
+        f"<{ndim}q", bytes(payload[_FIXED.size : _FIXED.size + 8 * ndim].cpu().tolist())
+    )
     if any(s <= 0 for s in shape):
         raise PayloadError(f"payload header holds an invalid shape {shape}")
     return codec_id, CODE_DTYPES[dcode], tuple(shape), tuple(params), hdr

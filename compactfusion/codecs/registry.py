@@ -35,7 +35,11 @@ def codec_class(name: str) -> type[Codec]:
 
 
 def get_codec(name: str, **params: Any) -> Codec:
-    """Instantiate codec ``name`` with its parameters (e.g. ``get_codec("int2", group_size=128)``)."""
+    """Instantiate codec ``name`` with its parameters.
+
+    Example: ``get_codec("int2", group_size=128)``. Unknown names or bad parameters raise
+    ``ValueError``.
+    """
     cls = codec_class(name)
     try:
         return cls(**params)

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..attention import attend, blocks_to_sequence, merge
+from ..attention import attend, merge
 from ..collectives import (
     RETRY_MARKER_ID,
     all_gather_flat,
@@ -204,14 +204,18 @@ def _check_supported(pipe: Any, config: CompactConfig) -> tuple[int, int]:
 def _attention_modules(pipe: Any) -> list[tuple[str, torch.nn.Module]]:
     transformer = getattr(pipe.module, "transformer", None)
     if transformer is None:
-        raise ValueError("this xfuser pipeline has no transformer; only DiT pipelines are supported")
+        raise ValueError(
+            "this xfuser pipeline has no transformer; only DiT pipelines are supported"
+        )
     found = [
         (name, m)
         for name, m in transformer.named_modules()
         if hasattr(m, "processor") and hasattr(m, "to_q")
     ]
     if not found:
-        raise ValueError("no attention modules (with .processor and .to_q) found in the transformer")
+        raise ValueError(
+            "no attention modules (with .processor and .to_q) found in the transformer"
+        )
     return found
 
 
@@ -277,9 +281,7 @@ def _patched_ring_attn(
     if mode == "stale":
         return _stale_attention(state, layer, attention_function, query, key, value, group, kw)
     if mode == "ring":
-        return _ring_relay_attention(
-            state, layer, attention_function, query, key, value, group, kw
-        )
+        return _ring_relay_attention(state, layer, attention_function, query, key, value, group, kw)
     return _allgather_attention(state, layer, attention_function, query, key, value, group, kw)
 
 
@@ -409,7 +411,7 @@ def _raw_retry_attention(state, layer, attention_function, query, key, value, gr
     ks, vs = zip(*[
         (key, value) if r == rank else _kv_from_matrix(state, gathered[r], key)
         for r in range(world)
-    ])  # fmt: skip
+    ], strict=False)  # fmt: skip
     out, _ = attend(
         attention_function, query, torch.cat(ks, 2), torch.cat(vs, 2), with_joint=True, **kw
     )
@@ -423,8 +425,10 @@ def _stale_attention(state, layer, attention_function, query, key, value, group,
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     local = torch.stack([key, value]).contiguous()
     entry = state.stale.get(layer)
-    fresh = entry is None or entry["shape"] != tuple(local.shape) or state.step < max(
-        state.config.warmup_steps, 1
+    fresh = (
+        entry is None
+        or entry["shape"] != tuple(local.shape)
+        or state.step < max(state.config.warmup_steps, 1)
     )
     if entry is not None and entry.get("work") is not None:
         entry["work"].wait()
