@@ -13,6 +13,7 @@ receiver share, with error feedback. Entry points:
 
 from .api import is_patched, patch, patched, stats, unpatch
 from .codecs import PayloadError, available_codecs, get_codec
+from .collectives import ConfigMismatchError
 from .config import PRESETS, CompactConfig
 from .residual import ResidualCompressor
 
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "PRESETS",
     "CompactConfig",
+    "ConfigMismatchError",
     "PayloadError",
     "ResidualCompressor",
     "available_codecs",

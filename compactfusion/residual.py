@@ -243,6 +243,7 @@ class ResidualCompressor:
             site.base, site.codec_state, site.calls = None, None, 0
 
     def reset_stats(self) -> None:
+        """Zero all counters (bases are kept)."""
         for site in self._sites.values():
             site.stats = SiteStats(site.stats.role)
 

@@ -95,6 +95,8 @@ class XDiTState:
 
     def new_generation(self) -> None:
         self.compressor.reset()
+        self.compressor.reset_stats()  # stats(pipe) describes the latest generation
+        self.stale_bytes = 0
         self.step = 0
         self.a2a_index.clear()
         self.kv_buffers.clear()
