@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from compactfusion import CompactConfig, ResidualCompressor, get_codec
-from compactfusion import backend
+from compactfusion import CompactConfig, ResidualCompressor, backend, get_codec
 from compactfusion.backend import resolve_backend
 from compactfusion.policy import compression_times, worth_compressing
 
