@@ -1,0 +1,98 @@
+"""Smoke run of benchmarks/quality.py: 2 gloo CPU ranks, tiny FLUX, int2 and its ablations."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_MISSING = [n for n in ("xfuser", "yunchang", "diffusers") if not importlib.util.find_spec(n)]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location(
+        "cf_bench_quality", os.path.join(ROOT, "benchmarks", "quality.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+quality = _load()
+
+SUMMARY_COLUMNS = {
+    "workload", "codec", "variant", "steps", "final_kv_rel_err", "mean_kv_rel_err",
+    "final_kv_rel_err_vs_ref", "psnr_db", "ssim", "out_rel_err", "wire_ratio", "fid", "lpips",
+    "device", "torch", "xfuser", "note",
+}  # fmt: skip
+STEP_COLUMNS = {"workload", "codec", "variant", "step", "kv_rel_err", "kv_rel_err_vs_ref"}
+
+
+def _read(path):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return set(reader.fieldnames), list(reader)
+
+
+def test_ssim_and_psnr_on_hand_computed_cases():
+    a = torch.full((1, 3, 16, 16), 0.5)
+    b = torch.full((1, 3, 16, 16), 0.6)
+    c1 = 0.01**2
+    # Constant images: no variance, so SSIM is the luminance term alone.
+    assert quality.ssim(a, b) == pytest.approx((2 * 0.5 * 0.6 + c1) / (0.25 + 0.36 + c1))
+    assert quality.ssim(a, a) == pytest.approx(1.0)
+    assert quality.psnr(a, b) == pytest.approx(20.0)  # mse 0.01
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 24, 24, generator=g)
+    noisy = [(x + s * torch.randn(x.shape, generator=g)).clamp(0, 1) for s in (0.01, 0.1)]
+    assert 1 > quality.ssim(x, noisy[0]) > quality.ssim(x, noisy[1]) > 0
+    with pytest.raises(ValueError):
+        quality.ssim(x, x[:1])
+
+
+@pytest.mark.xfuser
+@pytest.mark.skipif(bool(_MISSING), reason=f"{', '.join(_MISSING)} not installed")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the tiny benchmark runs on CPU ranks")
+def test_quality_smoke(tmp_path):
+    env = {**os.environ, "LOG_LEVEL": "error", "PYTHONPATH": ROOT}
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "quality.py"), "--smoke",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=400, env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    columns, summary = _read(tmp_path / "quality_tiny_flux.csv")
+    assert columns == SUMMARY_COLUMNS
+    step_columns, steps = _read(tmp_path / "quality_tiny_flux_steps.csv")
+    assert step_columns == STEP_COLUMNS
+    for name in ("quality_tiny_flux.md", "quality_tiny_flux.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+    assert {(r["codec"], r["variant"]) for r in summary} == {
+        ("raw", "uncompressed"), ("int2", "naive"), ("int2", "no_feedback"), ("int2", "feedback")
+    }  # fmt: skip
+    raw = next(r for r in summary if r["codec"] == "raw")
+    # The probe sees the exact K/V in the uncompressed run: zero error, identical output.
+    assert float(raw["final_kv_rel_err"]) == 0.0 and raw["psnr_db"] == "inf"
+    assert all(float(r["kv_rel_err"]) == 0.0 for r in steps if r["codec"] == "raw")
+
+    last = max(int(r["step"]) for r in steps)
+    final = {
+        r["variant"]: float(r["kv_rel_err"])
+        for r in steps
+        if r["codec"] == "int2" and int(r["step"]) == last
+    }
+    assert final["naive"] > final["no_feedback"] > final["feedback"] > 0, final
+    # Step 0 is the raw warm-up: exact for every variant.
+    assert all(float(r["kv_rel_err"]) == 0.0 for r in steps if r["step"] == "0")
+    int2 = [r for r in summary if r["codec"] == "int2"]
+    assert all(float(r["wire_ratio"]) > 5 for r in int2)
+    assert all(0 < float(r["ssim"]) <= 1 for r in int2)
