@@ -336,15 +336,17 @@ def _kv_from_matrix(state: XDiTState, m: torch.Tensor, like: torch.Tensor):
     return kv[0], kv[1]
 
 
-def _ensure_checked(state: XDiTState, group) -> None:
+def _ensure_checked(state: XDiTState) -> None:
+    """Exchange a hash of config, payload layout and parallel layout over the whole world,
+    once per patched pipeline: differently configured ranks fail together, never hang."""
     if not state.checked:
         codec = state.compressor.codec.describe()
-        check_consistent(f"{state.config.fingerprint()}|{codec}|{state.ring_world}", group)
+        layout = f"ring={state.ring_world},ulysses={state.ulysses_world}"
+        check_consistent(f"{state.config.fingerprint()}|{codec}|{layout}")
         state.checked = True
 
 
 def _allgather_attention(state, layer, attention_function, query, key, value, group, kw):
-    _ensure_checked(state, group)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     local = _local_kv(state, key, value)
     buf_key = (layer, tuple(local.shape), local.dtype)
@@ -362,7 +364,6 @@ def _allgather_attention(state, layer, attention_function, query, key, value, gr
 
 
 def _ring_relay_attention(state, layer, attention_function, query, key, value, group, kw):
-    _ensure_checked(state, group)
     comp = state.compressor
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     nxt = dist.get_global_rank(group, (rank + 1) % world)
@@ -423,7 +424,6 @@ def _raw_retry_attention(state, layer, attention_function, query, key, value, gr
 def _stale_attention(state, layer, attention_function, query, key, value, group, kw):
     """DistriFusion: attend to the previous step's K/V of the other ranks (gathered
     asynchronously during the previous step) and the fresh local K/V."""
-    _ensure_checked(state, group)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     local = torch.stack([key, value]).contiguous()
     entry = state.stale.get(layer)
@@ -461,6 +461,7 @@ def _stale_attention(state, layer, attention_function, query, key, value, group,
 def _make_patched_class(cls: type) -> type:
     def __call__(self, *args, **kwargs):
         state: XDiTState = getattr(self, STATE_ATTR)
+        _ensure_checked(state)
         state.new_generation()
         token = _ACTIVE.set(state)
         try:
