@@ -267,6 +267,7 @@ def _four_rank_checks(rank, world, device):
     for kind, degrees in (
         ("flux", {"ring": 2, "ulysses": 2}),
         ("cogvideox", {"ring": 2, "cfg": 2}),
+        ("flux", {"ring": 4}),  # the relay passes payloads on through 3 hops
     ):
         pipe = build_pipeline(kind, device=device, **degrees)
         plain = generate(pipe, kind, steps=3)
@@ -274,7 +275,7 @@ def _four_rank_checks(rank, world, device):
             raw = generate(pipe, kind, steps=3)
         with cf.patched(pipe, CompactConfig(codec="int2", min_numel=0, mode="ring")):
             lossy = generate(pipe, kind, steps=3)
-        res[kind] = (rel(raw, plain), rel(lossy, plain))
+        res[f"{kind} {degrees}"] = (rel(raw, plain), rel(lossy, plain))
     return res
 
 
