@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from .codecs import encode_header
+from .codecs.base import MAX_HEADER_NBYTES
 from .residual import ResidualCompressor
 
 RETRY_MARKER_ID = 255
@@ -77,18 +78,28 @@ def retry_marker(x: torch.Tensor, nbytes: int) -> torch.Tensor:
     return out
 
 
-def is_retry_marker(payload: torch.Tensor) -> bool:
-    """Whether a received buffer is a retry marker rather than a payload."""
-    return int(payload[3]) == RETRY_MARKER_ID
+def host_headers(payloads: torch.Tensor) -> list[bytes]:
+    """The header bytes of each row of a ``(n, nbytes)`` payload buffer, read with one
+    device-to-host copy (instead of one synchronising read per payload on CUDA)."""
+    width = min(payloads.shape[1], MAX_HEADER_NBYTES)
+    rows = payloads[:, :width].cpu()
+    return [bytes(row.tolist()) for row in rows]
+
+
+def is_retry_marker(header: bytes) -> bool:
+    """Whether a received buffer (given by its header bytes) is a retry marker."""
+    return header[3] == RETRY_MARKER_ID
 
 
 def _encode_fixed(
     comp: ResidualCompressor, key: Hashable, x: torch.Tensor, nbytes: int
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, bool]:
+    """``(buffer, is_marker)``: the payload, or a retry marker when ``x`` was sent raw because
+    it was not finite (the raw payload would not fit the agreed size)."""
     payload = comp.encode(key, x)
-    if payload.numel() != nbytes:  # non-finite input was sent raw: announce a retry
-        return retry_marker(x, nbytes)
-    return payload
+    if payload.numel() != nbytes:
+        return retry_marker(x, nbytes), True
+    return payload, False
 
 
 def compressed_all_gather(
@@ -115,17 +126,18 @@ def compressed_all_gather(
         )
     key = (site, rank)
     nbytes = comp.payload_nbytes(key, tuple(x.shape), x.dtype)
-    payload = _encode_fixed(comp, key, x, nbytes)
+    payload, _ = _encode_fixed(comp, key, x, nbytes)
     gathered = torch.empty(world * nbytes, dtype=torch.uint8, device=x.device)
     all_gather_flat(gathered, payload, group)
     payloads = gathered.view(world, nbytes)
-    if any(is_retry_marker(payloads[r]) for r in range(world)):
+    headers = host_headers(payloads)
+    if any(is_retry_marker(h) for h in headers):
         return raw_all_gather(comp, site, x, group, out)
     for r in range(world):
         if r == rank:
             out[r].copy_(x)
         else:
-            comp.decode((site, r), payloads[r], out=out[r])
+            comp.decode((site, r), payloads[r], out=out[r], header=headers[r])
     return out
 
 
@@ -137,11 +149,12 @@ def raw_all_gather(comp, site, x, group, out):
     gathered = torch.empty(world * nbytes, dtype=torch.uint8, device=x.device)
     all_gather_flat(gathered, payload, group)
     payloads = gathered.view(world, nbytes)
+    headers = host_headers(payloads)
     for r in range(world):
         if r == rank:
             out[r].copy_(x)
         else:
-            comp.decode((site, r), payloads[r], out=out[r])
+            comp.decode((site, r), payloads[r], out=out[r], header=headers[r])
     return out
 
 
@@ -176,8 +189,8 @@ def compressed_all_to_all(
             continue
         key = (site, rank, j)
         need = comp.payload_nbytes(key, shape, x.dtype)
-        payload = _encode_fixed(comp, key, chunks[j], need)
-        retry |= is_retry_marker(payload)
+        payload, marker = _encode_fixed(comp, key, chunks[j], need)
+        retry |= marker
         send[j, : payload.numel()] = payload
     if retry:
         send[rank, :] = retry_marker(chunks[rank], nbytes)
@@ -185,16 +198,17 @@ def compressed_all_to_all(
     dist.all_to_all_single(recv, send, group=group)
     out = torch.empty_like(x)
     out_chunks = out.chunk(world, dim=0)
-    if any(is_retry_marker(recv[i]) for i in range(world) if i != rank) or retry:
+    headers = host_headers(recv)
+    if retry or any(is_retry_marker(headers[i]) for i in range(world) if i != rank):
         return _raw_all_to_all(comp, site, x, group)
     for i in range(world):
         if i == rank:
             out_chunks[i].copy_(chunks[i])
             continue
         key = (site, i, rank)
-        need = comp.received_nbytes(recv[i])
+        need = comp.received_nbytes(recv[i], headers[i])
         # Decode into the site's own base, then copy: the returned tensor belongs to the caller.
-        out_chunks[i].copy_(comp.decode(key, recv[i, :need]))
+        out_chunks[i].copy_(comp.decode(key, recv[i, :need], header=headers[i]))
     return out
 
 
@@ -208,12 +222,13 @@ def _raw_all_to_all(comp, site, x, group):
             send[j] = comp.encode((site, rank, j), chunks[j], force_raw=True)
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
+    headers = host_headers(recv)
     out = torch.empty_like(x)
     for i, chunk in enumerate(out.chunk(world, dim=0)):
         if i == rank:
             chunk.copy_(chunks[i])
         else:
-            chunk.copy_(comp.decode((site, i, rank), recv[i]))
+            chunk.copy_(comp.decode((site, i, rank), recv[i], header=headers[i]))
     return out
 
 
@@ -222,6 +237,8 @@ __all__ = [
     "check_consistent",
     "compressed_all_gather",
     "compressed_all_to_all",
+    "host_headers",
+    "is_retry_marker",
     "raw_all_gather",
     "retry_marker",
 ]

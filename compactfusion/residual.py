@@ -115,10 +115,10 @@ class ResidualCompressor:
     def raw_payload_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
         return self._raw.payload_nbytes(shape, dtype)
 
-    def received_nbytes(self, buffer: torch.Tensor) -> int:
+    def received_nbytes(self, buffer: torch.Tensor, header: bytes | None = None) -> int:
         """Size of the payload at the start of ``buffer`` (which may be padded), from its
         header: lets a receiver slice payloads without knowing the sender's decision."""
-        codec_id, dtype, shape, _, _ = decode_header(buffer)
+        codec_id, dtype, shape, _, _ = decode_header(buffer, header)
         codec = self._raw if codec_id == self._raw.codec_id else self.codec
         return codec.payload_nbytes(shape, dtype)
 
@@ -170,20 +170,28 @@ class ResidualCompressor:
 
     # --- receiver -----------------------------------------------------------------------------
     def decode(
-        self, key: Hashable, payload: torch.Tensor, out: torch.Tensor | None = None
+        self,
+        key: Hashable,
+        payload: torch.Tensor,
+        out: torch.Tensor | None = None,
+        header: bytes | None = None,
     ) -> torch.Tensor:
         """Decode a payload of site ``key``; returns the receiver's new base.
 
         With ``out`` the reconstruction is written there (for example a slice of a gathered
         K/V buffer) and ``out`` becomes the site's base, so the caller must leave it untouched
-        until the next call of this site.
+        until the next call of this site. ``header`` optionally holds a host copy of the
+        payload's first bytes (see ``decode_header``).
         """
-        codec_id, dtype, shape, _, _ = decode_header(payload)
+        codec_id, dtype, shape, _, hdr = decode_header(payload, header)
         site = self._sites.get(key)
         if site is None:
             site = self._sites[key] = _Site(SiteStats("recv"))
         if codec_id == self._raw.codec_id:
-            value = self._raw.decode(payload)
+            nbytes = math.prod(shape) * dtype.itemsize
+            if payload.numel() != self._raw.payload_nbytes(shape, dtype):
+                raise PayloadError(f"site {key!r}: raw payload of the wrong size")
+            value = payload[hdr : hdr + nbytes].view(dtype).reshape(shape).clone()
             if out is not None:
                 out.copy_(value.reshape(out.shape))
                 value = out

@@ -265,16 +265,28 @@ def encode_header(
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
 
 
+MAX_HEADER_NBYTES = 16 + 8 * MAX_NDIM  # the largest header (MAX_NDIM dimensions)
+
+
 def decode_header(
-    payload: torch.Tensor,
+    payload: torch.Tensor, host_copy: bytes | None = None
 ) -> tuple[int, torch.dtype, tuple[int, ...], tuple[int, int, int, int], int]:
-    """Parse and validate a header: ``(codec_id, dtype, shape, params, header_nbytes)``."""
+    """Parse and validate a header: ``(codec_id, dtype, shape, params, header_nbytes)``.
+
+    ``host_copy`` may hold the payload's first bytes (at least the header) already on the
+    host, e.g. from one batched device-to-host copy of many payloads' headers: the payload
+    itself is then not read, which avoids a device synchronisation per payload on CUDA.
+    """
     if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or payload.dim() != 1:
         raise PayloadError("a payload must be a 1-D torch.uint8 tensor")
     if payload.numel() < _FIXED.size:
         raise PayloadError(f"payload of {payload.numel()} bytes is shorter than a header")
-    fixed = bytes(payload[: _FIXED.size].cpu().tolist())
-    magic, version, codec_id, dcode, ndim, reserved, *params = _FIXED.unpack(fixed)
+    if host_copy is None:
+        n = min(payload.numel(), MAX_HEADER_NBYTES)
+        host_copy = bytes(payload[:n].cpu().tolist())
+    magic, version, codec_id, dcode, ndim, reserved, *params = _FIXED.unpack(
+        host_copy[: _FIXED.size]
+    )
     if magic != MAGIC:
         raise PayloadError(f"bad payload magic {magic!r} (expected {MAGIC!r}): not a payload")
     if version != FORMAT_VERSION:
@@ -287,11 +299,9 @@ def decode_header(
     if ndim > MAX_NDIM or reserved != 0:
         raise PayloadError("payload header is corrupt (ndim or reserved field)")
     hdr = header_nbytes(ndim)
-    if payload.numel() < hdr:
+    if payload.numel() < hdr or len(host_copy) < _FIXED.size + 8 * ndim:
         raise PayloadError("payload is truncated inside its header")
-    shape = struct.unpack(
-        f"<{ndim}q", bytes(payload[_FIXED.size : _FIXED.size + 8 * ndim].cpu().tolist())
-    )
+    shape = struct.unpack(f"<{ndim}q", host_copy[_FIXED.size : _FIXED.size + 8 * ndim])
     if any(s <= 0 for s in shape):
         raise PayloadError(f"payload header holds an invalid shape {shape}")
     return codec_id, CODE_DTYPES[dcode], tuple(shape), tuple(params), hdr

@@ -41,11 +41,12 @@ import torch.distributed as dist
 
 from ..attention import attend, merge
 from ..collectives import (
-    RETRY_MARKER_ID,
     all_gather_flat,
     check_consistent,
     compressed_all_gather,
     compressed_all_to_all,
+    host_headers,
+    is_retry_marker,
     raw_all_gather,
     retry_marker,
 )
@@ -366,8 +367,9 @@ def _allgather_attention(state, layer, attention_function, query, key, value, gr
 def _ring_relay_attention(state, layer, attention_function, query, key, value, group, kw):
     comp = state.compressor
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    nxt = dist.get_global_rank(group, (rank + 1) % world)
-    prv = dist.get_global_rank(group, (rank - 1) % world)
+    pg = group if group is not None else dist.group.WORLD
+    nxt = dist.get_global_rank(pg, (rank + 1) % world)
+    prv = dist.get_global_rank(pg, (rank - 1) % world)
     local = _local_kv(state, key, value)
     site = (layer, "kv")
     nbytes = comp.payload_nbytes((site, rank), tuple(local.shape), local.dtype)
@@ -390,12 +392,13 @@ def _ring_relay_attention(state, layer, attention_function, query, key, value, g
         if step < world - 1:
             recv, reqs = relay(current)  # post the next transfer before decoding this one
         src = (rank - step) % world
-        if int(current[3]) == RETRY_MARKER_ID:
+        (header,) = host_headers(current.view(1, -1))
+        if is_retry_marker(header):
             saw_marker = True
             continue
         if saw_marker:
             continue
-        block = comp.decode((site, src), current)
+        block = comp.decode((site, src), current, header=header)
         k_s, v_s = _kv_from_matrix(state, block, key)
         acc = merge(acc, attend(attention_function, query, k_s, v_s, with_joint=False, **kw))
     if saw_marker:

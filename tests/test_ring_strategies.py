@@ -1,0 +1,100 @@
+"""The three ring-attention strategies of the xDiT integration, on 3 gloo ranks, with a plain
+torch attention function (no xfuser needed): exact with raw, close with int2, and a
+non-finite K/V on one rank triggers the raw retry on every rank."""
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from compactfusion import CompactConfig, ResidualCompressor
+from compactfusion.integrations.xdit import (
+    XDiTState,
+    _allgather_attention,
+    _ring_relay_attention,
+    _stale_attention,
+)
+from compactfusion.testing import spawn_ranks
+
+B, H, S, D = 1, 2, 16, 32  # per rank
+
+
+def attention(q, k, v, dropout_p=0.0, is_causal=False, joint_attn_kwargs=None,
+              attention_kwargs=None):  # fmt: skip
+    """(out, lse) like xfuser's attention functions; joint K/V concatenated in front."""
+    if joint_attn_kwargs is not None and joint_attn_kwargs["step"] == 0:
+        k = torch.cat([joint_attn_kwargs["joint_key"], k], dim=2)
+        v = torch.cat([joint_attn_kwargs["joint_value"], v], dim=2)
+    scores = q.float() @ k.float().transpose(-1, -2) / math.sqrt(q.shape[-1])
+    lse = torch.logsumexp(scores, dim=-1)
+    return (torch.softmax(scores, -1) @ v.float()).to(q.dtype), lse
+
+
+def qkv(rank, step):
+    g = torch.Generator().manual_seed(100 * rank + step)
+    base = torch.Generator().manual_seed(rank)
+    mk = lambda: torch.randn(B, H, S, D, generator=base)  # noqa: E731
+    q, k, v = mk(), mk(), mk()
+    drift = lambda: 0.05 * step * torch.randn(B, H, S, D, generator=g)  # noqa: E731
+    return q + drift(), k + drift(), v + drift()
+
+
+def _rank(rank, world):
+    joint = {"joint_key": torch.randn(B, H, 4, D, generator=torch.Generator().manual_seed(9)),
+             "joint_value": torch.randn(B, H, 4, D, generator=torch.Generator().manual_seed(8)),
+             "joint_strategy": "front", "step": 0, "total_steps": world}  # fmt: skip
+    kw = dict(dropout_p=0.0, is_causal=False, joint_attn_kwargs=joint, attention_kwargs=None)
+    results = {}
+    for name, fn, codec in (
+        ("allgather-raw", _allgather_attention, "raw"),
+        ("ring-raw", _ring_relay_attention, "raw"),
+        ("allgather-int2", _allgather_attention, "int2"),
+        ("ring-int2", _ring_relay_attention, "int2"),
+        ("stale", _stale_attention, "raw"),
+    ):
+        mode = "stale" if name == "stale" else name.split("-")[0]
+        cfg = CompactConfig(codec=codec, mode=mode, min_numel=0)
+        state = XDiTState(config=cfg, compressor=ResidualCompressor(cfg), original_class=object)
+        errs = []
+        for step in range(4):
+            q, k, v = qkv(rank, step)
+            ks = [torch.empty_like(k) for _ in range(world)]
+            vs = [torch.empty_like(v) for _ in range(world)]
+            dist.all_gather(ks, k.contiguous())
+            dist.all_gather(vs, v.contiguous())
+            exact, _ = attention(q, torch.cat(ks, 2), torch.cat(vs, 2), joint_attn_kwargs=joint)
+            state.begin_step()
+            out = fn(state, "layer0", attention, q, k, v, None, dict(kw))
+            state.end_step()
+            errs.append(float((out - exact).norm() / exact.norm()))
+        results[name] = errs
+    # Non-finite K on rank 1 at the second step: every rank redoes the layer raw.
+    for name, fn in (("allgather", _allgather_attention), ("ring", _ring_relay_attention)):
+        cfg = CompactConfig(codec="int2", mode=name, min_numel=0)
+        state = XDiTState(config=cfg, compressor=ResidualCompressor(cfg), original_class=object)
+        for step in range(2):
+            q, k, v = qkv(rank, step)
+            if step == 1 and rank == 1:
+                k[0, 0, 0, 0] = float("inf")
+            out = fn(state, "layer0", attention, q, k, v, None, dict(kw))
+        ks = [torch.empty_like(k) for _ in range(world)]
+        vs = [torch.empty_like(v) for _ in range(world)]
+        dist.all_gather(ks, k.contiguous())
+        dist.all_gather(vs, v.contiguous())
+        exact, _ = attention(q, torch.cat(ks, 2), torch.cat(vs, 2), joint_attn_kwargs=joint)
+        results[f"retry-{name}"] = bool(torch.allclose(out, exact, atol=1e-5, equal_nan=True))
+        results[f"retry-{name}-nonfinite"] = state.compressor.stats()["nonfinite"]
+    return results
+
+
+def test_strategies_on_three_ranks():
+    results = spawn_ranks(_rank, 3, timeout=180)
+    for name in ("allgather", "ring"):  # rank 1 really sent a non-finite activation raw
+        assert [r[f"retry-{name}-nonfinite"] for r in results] == [0, 1, 0]
+    for res in results:
+        assert max(res["allgather-raw"]) < 1e-6 and max(res["ring-raw"]) < 1e-6, res
+        for name in ("allgather-int2", "ring-int2"):
+            assert res[name][0] < 1e-6 and 0 < max(res[name][1:]) < 0.1, (name, res[name])
+        # DistriFusion: exact at the warm-up step, then one step stale.
+        assert res["stale"][0] < 1e-6 and 0 < max(res["stale"][1:]) < 0.2, res["stale"]
+        assert res["retry-allgather"] and res["retry-ring"], res
