@@ -241,8 +241,8 @@ class KVProbe:
                 self._store(layer, gathered)
             return encode(key, x, force_raw=force_raw)
 
-        def probe_decode(key, payload, out=None):
-            base = decode(key, payload, out=out)
+        def probe_decode(key, payload, out=None, header=None):
+            base = decode(key, payload, out=out, header=header)
             if _is_kv(key):
                 self._measure(key[0][0], key[1], base)
             return base
