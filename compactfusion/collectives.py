@@ -133,7 +133,12 @@ def compressed_all_gather(
     headers = host_headers(payloads)
     if any(is_retry_marker(h) for h in headers):
         return raw_all_gather(comp, site, x, group, out)
-    for r in range(world):
+    return _decode_gathered(comp, site, x, rank, payloads, headers, out)
+
+
+def _decode_gathered(comp, site, x, rank, payloads, headers, out):
+    """Own block exact; every peer's payload decoded into its slot (which becomes its base)."""
+    for r in range(payloads.shape[0]):
         if r == rank:
             out[r].copy_(x)
         else:
@@ -149,13 +154,7 @@ def raw_all_gather(comp, site, x, group, out):
     gathered = torch.empty(world * nbytes, dtype=torch.uint8, device=x.device)
     all_gather_flat(gathered, payload, group)
     payloads = gathered.view(world, nbytes)
-    headers = host_headers(payloads)
-    for r in range(world):
-        if r == rank:
-            out[r].copy_(x)
-        else:
-            comp.decode((site, r), payloads[r], out=out[r], header=headers[r])
-    return out
+    return _decode_gathered(comp, site, x, rank, payloads, host_headers(payloads), out)
 
 
 def compressed_all_to_all(

@@ -37,7 +37,15 @@ from compactfusion.codecs.base import SUPPORTED_DTYPES, PayloadError
 from compactfusion.codecs.lowrank import LowRankCodec
 
 from . import fp8, int1, int2, lowrank, nm_sparse
-from ._common import KernelUnsupported, Plan, as_kernel_arg, device_header, row_stride
+from ._common import (
+    KernelUnsupported,
+    Plan,
+    as_kernel_arg,
+    check_device,
+    check_out,
+    device_header,
+    row_stride,
+)
 from ._common import is_interpreted as _is_interpreted
 from ._grouped import grouped_encode_kernel as _probe_kernel
 
@@ -86,22 +94,7 @@ def supports(codec, shape, dtype) -> bool:
 
 
 def _check_device(*tensors: torch.Tensor) -> None:
-    dev = tensors[0].device
-    if any(t.device != dev for t in tensors):
-        raise ValueError(f"tensors are on different devices: {[str(t.device) for t in tensors]}")
-    if dev.type != "cuda" and not _INTERPRETED:
-        raise KernelUnsupported(
-            f"the kernels run on CUDA tensors (got {dev}); CPU tensors need TRITON_INTERPRET=1 "
-            "set before compactfusion.kernels is imported"
-        )
-
-
-def _check_out(out: torch.Tensor, base: torch.Tensor) -> None:
-    if tuple(out.shape) != tuple(base.shape) or out.dtype != base.dtype:
-        raise ValueError(
-            f"out is {tuple(out.shape)} {out.dtype} but the base is "
-            f"{tuple(base.shape)} {base.dtype}"
-        )
+    check_device(_INTERPRETED, *tensors)
 
 
 def encode_residual(
@@ -124,7 +117,7 @@ def encode_residual(
     plan = _plan(codec, shape, dtype)
     if out is None:
         out = torch.empty(shape, dtype=dtype, device=base.device)
-    _check_out(out, base)
+    check_out(out, base)
     _check_device(x, base, out)
     strides = (
         row_stride(x, plan.rows, plan.cols, "x"),
@@ -174,7 +167,7 @@ def decode_residual(
         payload = payload.clone()  # the typed section views need 16-byte alignment
     if out is None:
         out = torch.empty(shape, dtype=dtype, device=base.device)
-    _check_out(out, base)
+    check_out(out, base)
     _check_device(payload, base, out)
     strides = (
         row_stride(base, plan.rows, plan.cols, "base"),

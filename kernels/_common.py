@@ -121,6 +121,27 @@ def is_interpreted(kernel) -> bool:
     return type(kernel).__name__ == "InterpretedFunction"
 
 
+def check_device(interpreted: bool, *tensors: torch.Tensor) -> None:
+    """All tensors on one device, and CUDA unless the kernels run in the interpreter."""
+    dev = tensors[0].device
+    if any(t.device != dev for t in tensors):
+        raise ValueError(f"tensors are on different devices: {[str(t.device) for t in tensors]}")
+    if dev.type != "cuda" and not interpreted:
+        raise KernelUnsupported(
+            f"the kernels run on CUDA tensors (got {dev}); CPU tensors need TRITON_INTERPRET=1 "
+            "set before compactfusion.kernels is imported"
+        )
+
+
+def check_out(out: torch.Tensor, base: torch.Tensor) -> None:
+    """``out`` must have the base's shape and dtype."""
+    if tuple(out.shape) != tuple(base.shape) or out.dtype != base.dtype:
+        raise ValueError(
+            f"out is {tuple(out.shape)} {out.dtype} but the base is "
+            f"{tuple(base.shape)} {base.dtype}"
+        )
+
+
 def row_stride(t: torch.Tensor, rows: int, cols: int, what: str) -> int:
     """Stride between consecutive rows of ``t`` viewed as ``rows x cols`` without a copy.
 

@@ -185,14 +185,34 @@ def grouped_decode_kernel(
 
 
 class GroupedLaunch(NamedTuple):
-    """Launch settings of the int1/int2 kernels for one shape (chosen in ``int1.launch_config``
-    and ``int2.launch_config``)."""
+    """Launch settings of the int1/int2 kernels for one shape (chosen in ``launch_config``)."""
 
     enc_block_r: int  # tokens per sender program (each program does one group)
     enc_warps: int
     dec_block_r: int  # tokens per receiver program
     dec_block_b: int  # code bytes per token per receiver program
     dec_warps: int
+
+
+def launch_config(lay, rows: int, bits: int, interpreted: bool) -> GroupedLaunch:
+    """Launch settings shared by int1 and int2 (the only place they are chosen).
+
+    Sender: one program per group x enough tokens for a 4096-element tile. Receiver: tiles
+    of up to 1024 channels x 4096 elements. Results do not depend on these (every reduction is
+    within one group of one token); the interpreter gets 4x larger tiles (fewer programs)."""
+    per = 8 // bits
+    tile = 16384 if interpreted else 4096
+    gp = next_pow2(lay.group)
+    enc_r = max(1, min(tile // gp, next_pow2(rows)))
+    dec_b = min(next_pow2(lay.row_bytes), tile // 4 // per)
+    dec_r = max(1, min(tile // (dec_b * per), next_pow2(rows)))
+    return GroupedLaunch(
+        enc_block_r=enc_r,
+        enc_warps=8 if enc_r * gp >= 4096 else 4,
+        dec_block_r=dec_r,
+        dec_block_b=dec_b,
+        dec_warps=8 if dec_r * dec_b * per >= 4096 else 4,
+    )
 
 
 def make_plan(codec, shape, dtype, launch_config, interpreted) -> Plan:

@@ -69,6 +69,8 @@ from ._common import (
     KernelUnsupported,
     as_kernel_arg,
     bf16_bits_to_f32,
+    check_device,
+    check_out,
     device_header,
     is_interpreted,
     load_f32,
@@ -184,22 +186,7 @@ def _check_codec(codec: LowRankCodec) -> None:
 
 
 def _check_device(*tensors: torch.Tensor) -> None:
-    dev = tensors[0].device
-    if any(t.device != dev for t in tensors):
-        raise ValueError(f"tensors are on different devices: {[str(t.device) for t in tensors]}")
-    if dev.type != "cuda" and not _INTERPRETED:
-        raise KernelUnsupported(
-            f"the lowrank kernels run on CUDA tensors (got {dev}); CPU tensors need "
-            "TRITON_INTERPRET=1 set before compactfusion.kernels is imported"
-        )
-
-
-def _check_out(out: torch.Tensor, base: torch.Tensor) -> None:
-    if tuple(out.shape) != tuple(base.shape) or out.dtype != base.dtype:
-        raise ValueError(
-            f"out is {tuple(out.shape)} {out.dtype} but the base is "
-            f"{tuple(base.shape)} {base.dtype}"
-        )
+    check_device(_INTERPRETED, *tensors)
 
 
 def lowrank_base_update(
@@ -211,7 +198,7 @@ def lowrank_base_update(
     have one shape and dtype, viewable as ``rows x cols`` without a copy (``out`` may be
     ``base``).
     """
-    _check_out(out, base)
+    check_out(out, base)
     check_dtype(base.dtype)
     rows, cols = rows_cols(tuple(base.shape))
     k = factors.p.shape[-1]
@@ -273,7 +260,7 @@ def encode_residual_lowrank(
     rows, cols = rows_cols(shape)
     if out is None:
         out = torch.empty(shape, dtype=dtype, device=base.device)
-    _check_out(out, base)
+    check_out(out, base)
     _check_device(x, base, out)
 
     r = torch.empty(rows, cols, dtype=torch.float32, device=x.device)
