@@ -92,7 +92,10 @@ class XDiTState:
     step_raw_bytes: list[int] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)
     stale_bytes: int = 0
+    # Bookkeeping of the step and layer in progress.
     _step_start: float = 0.0
+    _step_marks: tuple[int, int] = (0, 0)
+    _layer_token: contextvars.Token | None = None
 
     def new_generation(self) -> None:
         self.compressor.reset()
@@ -499,7 +502,7 @@ def patch_xdit(pipe: Any, config: CompactConfig) -> XDiTState:
         return hook
 
     def post_hook(module, args, output):
-        if _ACTIVE.get() is state and getattr(state, "_layer_token", None) is not None:
+        if _ACTIVE.get() is state and state._layer_token is not None:
             _LAYER.reset(state._layer_token)
             state._layer_token = None
         return None
