@@ -51,6 +51,7 @@ from ..collectives import (
     retry_marker,
 )
 from ..config import CompactConfig
+from ..policy import codec_throughput_gbps
 from ..residual import ResidualCompressor
 
 SUPPORTED_XFUSER = ("0.7.0",)
@@ -346,7 +347,10 @@ def _ensure_checked(state: XDiTState) -> None:
     if not state.checked:
         codec = state.compressor.codec.describe()
         layout = f"ring={state.ring_world},ulysses={state.ulysses_world}"
-        check_consistent(f"{state.config.fingerprint()}|{codec}|{layout}")
+        policy = ""
+        if state.config.policy == "auto":  # decisions depend on the codec speed assumed
+            policy = f"|{codec_throughput_gbps('cuda')},{codec_throughput_gbps('cpu')}"
+        check_consistent(f"{state.config.fingerprint()}|{codec}|{layout}{policy}")
         state.checked = True
 
 
