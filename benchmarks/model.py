@@ -133,7 +133,6 @@ import csv
 import glob
 import math
 import os
-import platform
 import sys
 import time
 from collections.abc import Iterable
@@ -145,6 +144,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from compactfusion.codecs import get_codec  # noqa: E402
 from compactfusion.config import LINK_HINTS, PRESETS  # noqa: E402
+from compactfusion.environment import cpu_name
 from compactfusion.policy import CODEC_GBPS, compression_times  # noqa: E402
 
 H100_BF16_PEAK_TFLOPS = 989.4  # H100 SXM dense BF16 (datasheet; 1979 with 2:4 sparsity)
@@ -561,7 +561,7 @@ def build_rows(
     timing: CodecTiming,
 ) -> list[dict]:
     rows = []
-    stamp = {"host": f"{_cpu_name()} (no GPU used)"
+    stamp = {"host": f"{cpu_name()} (no GPU used)"
              if not torch.cuda.is_available() else torch.cuda.get_device_name(),
              "torch": torch.__version__}  # fmt: skip
     links = list(links)
@@ -786,18 +786,6 @@ def main(argv=None) -> dict[str, str]:
     print(header + markdown(rows, links))
     print(f"wrote {paths['csv']}, {paths['md']}, {paths['png']}")
     return paths
-
-
-def _cpu_name() -> str:
-    """The CPU model (``/proc/cpuinfo``), for stamping results."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"CPU {line.split(':', 1)[1].strip()} {platform.machine()}"
-    except OSError:
-        pass
-    return f"CPU {platform.processor() or platform.machine()}"
 
 
 if __name__ == "__main__":

@@ -57,7 +57,6 @@ import csv
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -69,6 +68,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from compactfusion.environment import cpu_name
 from compactfusion.testing import spawn_ranks  # noqa: E402
 
 CODECS = ("int1", "int2", "fp8", "nm_sparse", "lowrank")
@@ -468,7 +468,7 @@ def _rank(rank: int, world: int, opts: dict):
     if torch.cuda.is_available():
         device = torch.cuda.get_device_name()
     else:
-        device = f"{_cpu_name()} ({os.cpu_count()} cores), {world} gloo ranks, no GPU"
+        device = f"{cpu_name()} ({os.cpu_count()} cores), {world} gloo ranks, no GPU"
     meta = {
         "workload": workload,
         "device": device,
@@ -729,18 +729,6 @@ def main(argv=None) -> dict[str, str]:
 
 def _slug(text: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in text).strip("_").lower()[:60]
-
-
-def _cpu_name() -> str:
-    """The CPU model (``/proc/cpuinfo``), for stamping results."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"CPU {line.split(':', 1)[1].strip()} {platform.machine()}"
-    except OSError:
-        pass
-    return f"CPU {platform.processor() or platform.machine()}"
 
 
 if __name__ == "__main__":
