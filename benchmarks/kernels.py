@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import os
 import platform
 import statistics
-import sys
 import time
 
 SIZES_CUDA = {
@@ -69,27 +67,6 @@ def _parse_args(argv=None):
     p.add_argument("--codecs", nargs="+", choices=CODECS, default=CODECS)
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default per device)")
     return p.parse_args(argv)
-
-
-def _import_kernels():
-    """``compactfusion.kernels`` is the ``kernels/`` directory; load it from the source tree
-    when the package is not installed."""
-    try:
-        import compactfusion.kernels as kernels
-    except ModuleNotFoundError:
-        import compactfusion
-
-        root = os.path.dirname(os.path.dirname(os.path.abspath(compactfusion.__file__)))
-        path = os.path.join(root, "kernels")
-        spec = importlib.util.spec_from_file_location(
-            "compactfusion.kernels",
-            os.path.join(path, "__init__.py"),
-            submodule_search_locations=[path],
-        )
-        kernels = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = kernels
-        spec.loader.exec_module(kernels)
-    return kernels
 
 
 def _timer(device: str, reps: int):
@@ -139,12 +116,12 @@ def _copy_gbps(torch, device: str, bench) -> float:
 def run(args) -> str:
     if args.device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are decorated
+    import compactfusion.kernels as kernels
     import torch
     import triton
 
     from compactfusion.codecs import get_codec
 
-    kernels = _import_kernels()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: use --device cpu for the smoke run")
     if args.device == "cpu" and not kernels.interpreted():

@@ -4,7 +4,7 @@ below, before Triton decorates them); with CUDA the same tests run on the GPU.""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import os
 import sys
 
@@ -18,27 +18,7 @@ import pytest  # noqa: E402
 import compactfusion  # noqa: E402
 from compactfusion.codecs import PayloadError, get_codec  # noqa: E402
 
-
-def _import_kernels():
-    """``compactfusion.kernels`` lives in ``kernels/`` (a package-dir mapping); load it from the
-    source tree when the package is not installed."""
-    try:
-        import compactfusion.kernels as kernels
-    except ModuleNotFoundError:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(compactfusion.__file__)))
-        path = os.path.join(root, "kernels")
-        spec = importlib.util.spec_from_file_location(
-            "compactfusion.kernels",
-            os.path.join(path, "__init__.py"),
-            submodule_search_locations=[path],
-        )
-        kernels = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = kernels
-        spec.loader.exec_module(kernels)
-    return kernels
-
-
-K = _import_kernels()
+K = importlib.import_module("compactfusion.kernels")  # kernels/ (package-dir mapping)
 CUDA = torch.cuda.is_available()
 
 DEVICES = [
