@@ -123,6 +123,19 @@ def _flux_ring_checks(rank, world, device):
     cf.unpatch(pipe)
     res["is_patched_after_unpatch"] = cf.is_patched(pipe)
     res["unpatched_equal"] = torch.equal(generate(pipe, "flux", steps=4), plain)
+    # Two patched pipelines in one process keep separate state.
+    other = build_pipeline("flux", ring=2, device=device, seed=1)
+    plain_other = generate(other, "flux", steps=3)
+    with cf.patched(pipe, CompactConfig(codec="int2", min_numel=0)):
+        with cf.patched(other, CompactConfig(codec="int1", min_numel=0)):
+            a1 = generate(pipe, "flux", steps=3)
+            b1 = generate(other, "flux", steps=3)
+            a2 = generate(pipe, "flux", steps=3)
+            res["two_pipes_codecs"] = (cf.stats(pipe)["codec"]["name"],
+                                       cf.stats(other)["codec"]["name"])  # fmt: skip
+        res["two_pipes_after_inner_unpatch"] = torch.equal(generate(pipe, "flux", steps=3), a1)
+    res["two_pipes_repeatable"] = torch.equal(a1, a2)
+    res["two_pipes_other"] = rel(b1, plain_other)
     # Ranks configured differently fail with the same clear error on every rank.
     mismatch = CompactConfig(codec="int2" if rank == 0 else "int1")
     try:
@@ -155,6 +168,9 @@ def test_flux_ring_modes_codecs_and_lifecycle():
         assert res["is_patched_after_unpatch"] is False
         assert res["unpatched_equal"] is True
         assert "differs across ranks" in res["mismatch_error"]
+        assert res["two_pipes_codecs"] == ("int2", "int1")
+        assert res["two_pipes_repeatable"] and res["two_pipes_after_inner_unpatch"]
+        assert 0 < res["two_pipes_other"] < LOSSY["int1"]
 
 
 # --------------------------------------------------------------------------------------------
