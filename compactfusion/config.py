@@ -44,7 +44,9 @@ class CompactConfig:
             is only an ablation for measuring what error feedback buys.
         min_numel: call sites whose tensor has fewer elements are sent raw.
         site_policy: optional ``f(site_key, call_index) -> bool``; False sends that call raw
-            (per-layer or per-step overrides). Must give the same answer on every rank.
+            (per-layer or per-step overrides). ``call_index`` counts the site's calls since
+            its base (re)started, i.e. the denoising step for a per-layer site in a patched
+            pipeline. Must give the same answer on every rank.
         mode: ring attention / patch parallel strategy of the xDiT integration:
             ``"allgather"`` (compressed patch parallel), ``"ring"`` (compressed ring
             attention with overlapped point-to-point relays) or ``"stale"`` (DistriFusion:

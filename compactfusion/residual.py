@@ -97,7 +97,7 @@ class ResidualCompressor:
         numel = math.prod(shape)
         if numel < cfg.min_numel:
             return False
-        if cfg.site_policy is not None and not cfg.site_policy(key, site.stats.calls):
+        if cfg.site_policy is not None and not cfg.site_policy(key, site.calls):
             return False
         if cfg.policy == "auto":
             device_type = "cuda" if torch.cuda.is_available() else "cpu"
