@@ -68,3 +68,10 @@ def test_frozen_and_fingerprint():
 def test_link_hints():
     assert CompactConfig(policy="auto", link="pcie").link_bandwidth_gbps() == 25.0
     assert CompactConfig(policy="auto", link=3).link_bandwidth_gbps() == 3.0
+
+
+def test_lowrank_preset_beats_60x_at_flux_shard_size():
+    import torch
+
+    codec = CompactConfig.preset("lowrank").make_codec()
+    assert 1024 * 3072 * 2 / codec.payload_nbytes((1024, 3072), torch.bfloat16) >= 60
