@@ -122,9 +122,11 @@ class XDiTState:
 
     def begin_step(self) -> None:
         self._step_marks = self._sent()
+        _sync_device()
         self._step_start = time.perf_counter()
 
     def end_step(self) -> None:
+        _sync_device()  # GPU work is asynchronous: time the step, not its launches
         sent, raw = self._sent()
         self.step_bytes.append(sent - self._step_marks[0])
         self.step_raw_bytes.append(raw - self._step_marks[1])
@@ -148,6 +150,11 @@ class XDiTState:
             ratio_after_warmup=(sum(raw_after) / sum(after)) if sum(after) else math.nan,
         )
         return st
+
+
+def _sync_device() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 # --------------------------------------------------------------------------------------------
