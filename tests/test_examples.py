@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from compactfusion import CompactConfig
+
 pytestmark = [
     pytest.mark.xfuser,
     pytest.mark.skipif(
@@ -191,7 +193,9 @@ def test_compact_flags_map_to_config(common):
     cfg = common.compact_config(_flags(), _Parser())
     assert (cfg.codec, cfg.mode, cfg.warmup_steps) == ("int2", "allgather", 1)
     cfg = common.compact_config(_flags(compact_codec="lowrank", compact_warmup=2), _Parser())
-    assert cfg.codec == "lowrank" and cfg.codec_params == {"rank": 16} and cfg.warmup_steps == 2
+    preset = CompactConfig.preset("lowrank")  # a preset name brings the preset's parameters
+    assert cfg.codec == "lowrank" and cfg.codec_params == preset.codec_params
+    assert cfg.warmup_steps == 2
     cfg = common.compact_config(
         _flags(compact_codec="nm_sparse", compact_codec_params='{"n": 2, "m": 8}'), _Parser()
     )
