@@ -143,8 +143,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from compactfusion.codecs import get_codec  # noqa: E402
-from compactfusion.config import LINK_HINTS, PRESETS  # noqa: E402
-from compactfusion.environment import cpu_name
+from compactfusion.config import LINK_HINTS, PRESET_FOR_CODEC, PRESETS  # noqa: E402
+from compactfusion.environment import cpu_name  # noqa: E402
 from compactfusion.policy import CODEC_GBPS, compression_times  # noqa: E402
 
 H100_BF16_PEAK_TFLOPS = 989.4  # H100 SXM dense BF16 (datasheet; 1979 with 2:4 sparsity)
@@ -152,13 +152,6 @@ DEFAULT_MFU = 0.40
 LAUNCH_US = {"default": 5.0, "lowrank": 40.0}
 ENCODE_PASSES = {"default": 3, "lowrank": 6}  # activation-sized passes of the sender
 CODECS = ("int1", "int2", "fp8", "nm_sparse", "lowrank")
-PRESET_OF = {
-    "int1": "int1",
-    "int2": "int2",
-    "fp8": "fp8",
-    "nm_sparse": "sparse",
-    "lowrank": "lowrank",
-}
 AUTO_CODEC = "int2"
 GPU_COUNTS = (2, 4, 8)
 WARMUP_STEPS = 1
@@ -503,7 +496,7 @@ def predict(
 
 
 def _codec(name: str):
-    params = PRESETS[PRESET_OF[name]].get("codec_params", {})
+    params = PRESETS[PRESET_FOR_CODEC[name]].get("codec_params", {})
     return get_codec(name, **params)
 
 

@@ -68,17 +68,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from compactfusion.environment import cpu_name
+from compactfusion.config import PRESET_FOR_CODEC  # noqa: E402
+from compactfusion.environment import cpu_name  # noqa: E402
 from compactfusion.testing import spawn_ranks  # noqa: E402
 
 CODECS = ("int1", "int2", "fp8", "nm_sparse", "lowrank")
-PRESET_OF = {
-    "int1": "int1",
-    "int2": "int2",
-    "fp8": "fp8",
-    "nm_sparse": "sparse",
-    "lowrank": "lowrank",
-}
 VARIANTS = {  # CompactConfig overrides of each ablation
     "naive": {"residual": False},
     "no_feedback": {"error_feedback": False},
@@ -327,18 +321,6 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message=".*kept in float32.*")
 
 
-def _share(output: torch.Tensor | None) -> torch.Tensor:
-    """Every rank gets the output held by the last rank that has one."""
-    has = [None] * dist.get_world_size()
-    dist.all_gather_object(has, output is not None)
-    holders = [r for r, h in enumerate(has) if h]
-    if not holders:
-        raise RuntimeError("no rank received an output from the pipeline")
-    box = [output]
-    dist.broadcast_object_list(box, src=holders[-1])
-    return box[0]
-
-
 def _build(rank: int, world: int, opts: dict):
     """``(pipe, generate_fn, workload_name, kv_batch)`` for the tiny model or a local
     checkpoint (``kv_batch``: the batch of the transformer's K/V, 2 with CFG as a batch)."""
@@ -372,7 +354,11 @@ def _build(rank: int, world: int, opts: dict):
 def _build_real(rank: int, world: int, opts: dict, dtype: torch.dtype):
     import xfuser
 
-    from compactfusion.testing.tiny_pipelines import build_engine_config, init_xfuser_distributed
+    from compactfusion.testing.tiny_pipelines import (
+        build_engine_config,
+        init_xfuser_distributed,
+        share_output,
+    )
 
     path = opts["model"]
     with open(os.path.join(path, "model_index.json")) as f:
@@ -409,7 +395,7 @@ def _build_real(rank: int, world: int, opts: dict, dtype: torch.dtype):
         if isinstance(out, list):
             out = None if all(o is None for o in out) else torch.stack(out)
         out = None if out is None else out.detach().float().cpu()
-        out = _share(out)
+        out = share_output(out)
         if out.dim() == 5:  # video [B, F, C, H, W]: frames as a batch of images
             out = out.flatten(0, 1)
         return out
@@ -434,7 +420,10 @@ def _rank(rank: int, world: int, opts: dict):
             cfg = cf.CompactConfig.preset("off", mode="allgather")
         else:
             cfg = cf.CompactConfig.preset(
-                PRESET_OF[codec], mode="allgather", warmup_steps=WARMUP_STEPS, **VARIANTS[variant]
+                PRESET_FOR_CODEC[codec],
+                mode="allgather",
+                warmup_steps=WARMUP_STEPS,
+                **VARIANTS[variant],
             )
         images, step_errs, ratios = [], None, []
         start = time.perf_counter()

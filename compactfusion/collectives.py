@@ -195,19 +195,23 @@ def compressed_all_to_all(
         send[rank, :] = retry_marker(chunks[rank], nbytes)
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
-    out = torch.empty_like(x)
-    out_chunks = out.chunk(world, dim=0)
     headers = host_headers(recv)
     if retry or any(is_retry_marker(headers[i]) for i in range(world) if i != rank):
         return _raw_all_to_all(comp, site, x, group)
-    for i in range(world):
+    return _decode_chunks(comp, site, x, rank, recv, headers)
+
+
+def _decode_chunks(comp, site, x, rank, recv, headers):
+    """Own chunk exact; every peer's (possibly padded) payload decoded into its chunk."""
+    chunks = x.chunk(recv.shape[0], dim=0)
+    out = torch.empty_like(x)
+    for i, chunk in enumerate(out.chunk(recv.shape[0], dim=0)):
         if i == rank:
-            out_chunks[i].copy_(chunks[i])
+            chunk.copy_(chunks[i])
             continue
-        key = (site, i, rank)
         need = comp.received_nbytes(recv[i], headers[i])
         # Decode into the site's own base, then copy: the returned tensor belongs to the caller.
-        out_chunks[i].copy_(comp.decode(key, recv[i, :need], header=headers[i]))
+        chunk.copy_(comp.decode((site, i, rank), recv[i, :need], header=headers[i]))
     return out
 
 
@@ -221,14 +225,7 @@ def _raw_all_to_all(comp, site, x, group):
             send[j] = comp.encode((site, rank, j), chunks[j], force_raw=True)
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
-    headers = host_headers(recv)
-    out = torch.empty_like(x)
-    for i, chunk in enumerate(out.chunk(world, dim=0)):
-        if i == rank:
-            chunk.copy_(chunks[i])
-        else:
-            chunk.copy_(comp.decode((site, i, rank), recv[i], header=headers[i]))
-    return out
+    return _decode_chunks(comp, site, x, rank, recv, host_headers(recv))
 
 
 __all__ = [

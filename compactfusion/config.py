@@ -177,3 +177,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "sparse": {"codec": "nm_sparse", "codec_params": {"n": 1, "m": 4}},
     "off": {"codec": "raw"},
 }
+
+# The preset that configures each codec (``"raw"`` -> ``"off"``), derived from ``PRESETS``.
+PRESET_FOR_CODEC: dict[str, str] = {p["codec"]: name for name, p in PRESETS.items()}

@@ -255,6 +255,11 @@ class ResidualCompressor:
         for site in self._sites.values():
             site.stats = SiteStats(site.stats.role)
 
+    def sent_bytes(self) -> tuple[int, int]:
+        """``(payload bytes, raw bytes)`` this compressor has sent (cheap: no per-site dict)."""
+        sent = [s.stats for s in self._sites.values() if s.stats.role == "send"]
+        return sum(s.payload_bytes for s in sent), sum(s.raw_bytes for s in sent)
+
     def stats(self) -> dict[str, Any]:
         """Plain-dict statistics: per site and totals (bytes, ratio, calls, raw sends)."""
         sites = {repr(k): s.stats.as_dict() for k, s in self._sites.items()}
@@ -264,11 +269,9 @@ class ResidualCompressor:
                 setattr(total, name, getattr(total, name) + getattr(s.stats, name))
             total.kernel_fallbacks += s.stats.kernel_fallbacks
             total.nonfinite += s.stats.nonfinite
-        sent = [s.stats for s in self._sites.values() if s.stats.role == "send"]
         out = total.as_dict()
         del out["role"], out["shape"], out["dtype"]
-        out["sent_raw_bytes"] = sum(s.raw_bytes for s in sent)
-        out["sent_payload_bytes"] = sum(s.payload_bytes for s in sent)
+        out["sent_payload_bytes"], out["sent_raw_bytes"] = self.sent_bytes()
         out["codec"] = self.codec.describe()
         out["sites"] = sites
         return out

@@ -33,7 +33,7 @@ import functools
 
 import torch
 
-from compactfusion.codecs.base import SUPPORTED_DTYPES, PayloadError
+from compactfusion.codecs.base import SUPPORTED_DTYPES
 from compactfusion.codecs.lowrank import LowRankCodec
 
 from . import fp8, int1, int2, lowrank, nm_sparse
@@ -43,6 +43,7 @@ from ._common import (
     as_kernel_arg,
     check_device,
     check_out,
+    checked_payload,
     device_header,
     row_stride,
 )
@@ -150,21 +151,7 @@ def decode_residual(
         return lowrank.decode_residual_lowrank(codec, payload, base, out)
     shape, dtype = tuple(base.shape), base.dtype
     plan = _plan(codec, shape, dtype)
-    if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or payload.dim() != 1:
-        raise PayloadError("a payload must be a 1-D torch.uint8 tensor")
-    if payload.numel() != plan.total:
-        raise PayloadError(
-            f"{codec.name} payload for shape {shape} {dtype} must be {plan.total} bytes, "
-            f"got {payload.numel()} (truncated, padded, or for another shape)"
-        )
-    if payload.device.type == "cpu":  # free to read back: validate the header too
-        pshape, pdtype, _ = codec.parse(payload)
-        if pshape != shape or pdtype != dtype:
-            raise PayloadError(
-                f"payload describes a {pshape} {pdtype} tensor but the base is {shape} {dtype}"
-            )
-    if payload.stride(0) != 1 or payload.data_ptr() % 16:
-        payload = payload.clone()  # the typed section views need 16-byte alignment
+    payload = checked_payload(codec, payload, shape, dtype, plan.total)
     if out is None:
         out = torch.empty(shape, dtype=dtype, device=base.device)
     check_out(out, base)

@@ -16,7 +16,13 @@ import torch
 import triton
 import triton.language as tl
 
-from compactfusion.codecs.base import DTYPE_CODES, encode_header, header_nbytes, rows_cols
+from compactfusion.codecs.base import (
+    DTYPE_CODES,
+    PayloadError,
+    encode_header,
+    header_nbytes,
+    rows_cols,
+)
 
 
 class KernelUnsupported(ValueError):
@@ -140,6 +146,30 @@ def check_out(out: torch.Tensor, base: torch.Tensor) -> None:
             f"out is {tuple(out.shape)} {out.dtype} but the base is "
             f"{tuple(base.shape)} {base.dtype}"
         )
+
+
+def checked_payload(codec, payload, shape: tuple[int, ...], dtype, total: int) -> torch.Tensor:
+    """Validate a received payload for a base of ``shape``/``dtype``; return it 16-byte aligned.
+
+    The size is always checked; the header only on CPU, where reading it back is free (on CUDA
+    that would cost a device-to-host sync per call).
+    """
+    if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or payload.dim() != 1:
+        raise PayloadError("a payload must be a 1-D torch.uint8 tensor")
+    if payload.numel() != total:
+        raise PayloadError(
+            f"{codec.name} payload for shape {shape} {dtype} must be {total} bytes, "
+            f"got {payload.numel()} (truncated, padded, or for another shape)"
+        )
+    if payload.device.type == "cpu":
+        pshape, pdtype, _ = codec.parse(payload)
+        if pshape != shape or pdtype != dtype:
+            raise PayloadError(
+                f"payload describes a {pshape} {pdtype} tensor but the base is {shape} {dtype}"
+            )
+    if payload.stride(0) != 1 or payload.data_ptr() % 16:
+        payload = payload.clone()  # the typed section views need 16-byte alignment
+    return payload
 
 
 def row_stride(t: torch.Tensor, rows: int, cols: int, what: str) -> int:

@@ -58,7 +58,6 @@ import triton.language as tl
 
 from compactfusion.codecs.base import (
     DTYPE_CODES,
-    PayloadError,
     check_dtype,
     header_nbytes,
     rows_cols,
@@ -71,6 +70,7 @@ from ._common import (
     bf16_bits_to_f32,
     check_device,
     check_out,
+    checked_payload,
     device_header,
     is_interpreted,
     load_f32,
@@ -309,22 +309,7 @@ def decode_residual_lowrank(
     _check_codec(codec)
     shape, dtype = tuple(base.shape), base.dtype
     check_dtype(dtype)
-    if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or payload.dim() != 1:
-        raise PayloadError("a payload must be a 1-D torch.uint8 tensor")
-    total = codec.payload_nbytes(shape, dtype)
-    if payload.numel() != total:
-        raise PayloadError(
-            f"{codec.name} payload for shape {shape} {dtype} must be {total} bytes, "
-            f"got {payload.numel()} (truncated, padded, or for another shape)"
-        )
-    if payload.device.type == "cpu":  # free to read back: validate the header too
-        pshape, pdtype, _ = codec.parse(payload)
-        if pshape != shape or pdtype != dtype:
-            raise PayloadError(
-                f"payload describes a {pshape} {pdtype} tensor but the base is {shape} {dtype}"
-            )
-    if payload.stride(0) != 1 or payload.data_ptr() % 16:
-        payload = payload.clone()  # the typed section views need aligned storage
+    payload = checked_payload(codec, payload, shape, dtype, codec.payload_nbytes(shape, dtype))
     if out is None:
         out = torch.empty(shape, dtype=dtype, device=base.device)
     rows, cols = rows_cols(shape)

@@ -117,8 +117,8 @@ class XDiTState:
 
     # Step accounting: bytes this rank sent (compressed payloads + stale raw gathers).
     def _sent(self) -> tuple[int, int]:
-        st = self.compressor.stats()
-        return st["sent_payload_bytes"] + self.stale_bytes, st["sent_raw_bytes"] + self.stale_bytes
+        payload, raw = self.compressor.sent_bytes()
+        return payload + self.stale_bytes, raw + self.stale_bytes
 
     def begin_step(self) -> None:
         self._step_marks = self._sent()
@@ -181,7 +181,7 @@ def is_xdit_pipeline(pipe: Any) -> bool:
     )
 
 
-def _check_supported(pipe: Any, config: CompactConfig) -> tuple[int, int]:
+def _check_supported(pipe: Any) -> tuple[int, int]:
     xdist, usp, base = _xfuser_modules()
     version = importlib.metadata.version("xfuser")
     if version not in SUPPORTED_XFUSER:
@@ -361,21 +361,32 @@ def _ensure_checked(state: XDiTState) -> None:
         state.checked = True
 
 
+def _attend_gathered(attention_function, query, blocks, kw):
+    """One attention call over the rank blocks ``[(K_r, V_r), ...]`` concatenated in rank
+    order (joint text included once)."""
+    ks, vs = zip(*blocks, strict=True)
+    out, _ = attend(
+        attention_function, query, torch.cat(ks, 2), torch.cat(vs, 2), with_joint=True, **kw
+    )
+    return out
+
+
+def _decoded_blocks(state, gathered, key, value, rank):
+    """The exact local ``(K, V)`` and every peer's reconstructed block from ``gathered``."""
+    return [
+        (key, value) if r == rank else _kv_from_matrix(state, gathered[r], key)
+        for r in range(gathered.shape[0])
+    ]
+
+
 def _allgather_attention(state, layer, attention_function, query, key, value, group, kw):
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
     local = _local_kv(state, key, value)
     buf_key = (layer, tuple(local.shape), local.dtype)
     buf = state.kv_buffers.get(buf_key)
     gathered = compressed_all_gather(state.compressor, (layer, "kv"), local, group, out=buf)
     state.kv_buffers[buf_key] = gathered
-    ks, vs = [], []
-    for r in range(world):
-        k_r, v_r = (key, value) if r == rank else _kv_from_matrix(state, gathered[r], key)
-        ks.append(k_r)
-        vs.append(v_r)
-    k_all, v_all = torch.cat(ks, dim=2), torch.cat(vs, dim=2)
-    out, _ = attend(attention_function, query, k_all, v_all, with_joint=True, **kw)
-    return out
+    blocks = _decoded_blocks(state, gathered, key, value, dist.get_rank(group))
+    return _attend_gathered(attention_function, query, blocks, kw)
 
 
 def _ring_relay_attention(state, layer, attention_function, query, key, value, group, kw):
@@ -428,14 +439,8 @@ def _raw_retry_attention(state, layer, attention_function, query, key, value, gr
     local = _local_kv(state, key, value)
     gathered = torch.empty((world, *local.shape), dtype=local.dtype, device=local.device)
     raw_all_gather(state.compressor, (layer, "kv"), local, group, gathered)
-    ks, vs = zip(*[
-        (key, value) if r == rank else _kv_from_matrix(state, gathered[r], key)
-        for r in range(world)
-    ], strict=False)  # fmt: skip
-    out, _ = attend(
-        attention_function, query, torch.cat(ks, 2), torch.cat(vs, 2), with_joint=True, **kw
-    )
-    return out
+    blocks = _decoded_blocks(state, gathered, key, value, rank)
+    return _attend_gathered(attention_function, query, blocks, kw)
 
 
 def _stale_attention(state, layer, attention_function, query, key, value, group, kw):
@@ -458,11 +463,8 @@ def _stale_attention(state, layer, attention_function, query, key, value, group,
         state.stale_bytes += local.numel() * local.element_size()
     else:
         gathered = entry["buffer"]
-    ks = [key if r == rank else gathered[r, 0] for r in range(world)]
-    vs = [value if r == rank else gathered[r, 1] for r in range(world)]
-    out, _ = attend(
-        attention_function, query, torch.cat(ks, 2), torch.cat(vs, 2), with_joint=True, **kw
-    )
+    blocks = [(key, value) if r == rank else (gathered[r, 0], gathered[r, 1]) for r in range(world)]
+    out = _attend_gathered(attention_function, query, blocks, kw)
     # Start gathering this step's K/V for the next step; it overlaps the rest of this step.
     nxt = local.new_empty(world * local.numel())
     work = all_gather_flat(nxt, local.reshape(-1), group, async_op=True)
@@ -492,7 +494,7 @@ def _make_patched_class(cls: type) -> type:
 
 def patch_xdit(pipe: Any, config: CompactConfig) -> XDiTState:
     """Patch one xfuser pipeline instance (see the module docstring)."""
-    ring, ulysses = _check_supported(pipe, config)
+    ring, ulysses = _check_supported(pipe)
     modules = _attention_modules(pipe)
     state = XDiTState(
         config=config,

@@ -35,6 +35,7 @@ __all__ = [
     "generate",
     "init_xfuser_distributed",
     "make_inputs",
+    "share_output",
     "tiny_cogvideox",
     "tiny_flux",
     "tiny_pixart",
@@ -683,7 +684,7 @@ def generate(
         if output is None:
             raise RuntimeError("the pipeline returned no output")
         return output
-    return _share_output(output)
+    return share_output(output)
 
 
 def _diffusers_transformer(pipe) -> torch.nn.Module:
@@ -704,7 +705,7 @@ def _first_output(result) -> torch.Tensor | None:
     return output.detach().to("cpu")
 
 
-def _share_output(output: torch.Tensor | None) -> torch.Tensor:
+def share_output(output: torch.Tensor | None) -> torch.Tensor:
     """Give every rank the output held by the last rank that has one (a collective)."""
     has_output: list[bool | None] = [None] * dist.get_world_size()
     dist.all_gather_object(has_output, output is not None)
