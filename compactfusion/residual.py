@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .backend import resolve_backend
-from .codecs import PayloadError, decode_header, get_codec
+from .codecs import NonFiniteInput, PayloadError, decode_header, get_codec
 from .config import CompactConfig
 from .policy import worth_compressing
 
@@ -127,22 +127,35 @@ class ResidualCompressor:
         """Encode the activation ``x`` of site ``key``; updates the sender's base."""
         site = self._site(key, "send", x)
         compress = not force_raw and self.will_compress(key, tuple(x.shape), x.dtype)
-        if compress and not (site.base_finite and bool(torch.isfinite(x).all())):
-            # x - base would not be finite: send raw instead of storing NaN/Inf in a base.
+        payload = None
+        if compress and site.base_finite and self._finite_for_kernels(x):
+            try:
+                payload, new_base = self._encode_compressed(site, x)
+            except NonFiniteInput:  # the torch codecs check the residual they quantize
+                pass
+        if compress and payload is None:
+            # x - base is not finite: send raw instead of storing NaN/Inf in a base.
             site.stats.nonfinite += 1
             self._warn_once("nonfinite", f"non-finite residual at site {key!r}: sent raw")
-            compress = False
-        if not compress:
+        if payload is None:
             payload = self._raw.encode(x)
             site.base = x.detach().clone()
             site.calls += 1
             site.base_finite = bool(torch.isfinite(x).all())
             site.stats.raw_sends += 1
         else:
-            payload, site.base = self._encode_compressed(site, x)
+            site.base = new_base
             site.calls += 1
         self._count(site, x, payload)
         return payload
+
+    def _finite_for_kernels(self, x: torch.Tensor) -> bool:
+        """False when ``x`` holds inf or nan and the Triton kernels would encode it (they
+        cannot raise, so the check happens here, at the price of one device synchronisation);
+        True otherwise (the torch codecs raise ``NonFiniteInput`` themselves)."""
+        if resolve_backend(self.config.backend, x.device) != "triton":
+            return True
+        return bool(torch.isfinite(x).all())
 
     def _encode_compressed(self, site: _Site, x: torch.Tensor):
         cfg, codec = self.config, self.codec

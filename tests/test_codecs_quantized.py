@@ -8,7 +8,7 @@ import struct
 import pytest
 import torch
 
-from compactfusion.codecs import PayloadError, get_codec, header_nbytes
+from compactfusion.codecs import NonFiniteInput, PayloadError, get_codec, header_nbytes
 from compactfusion.codecs._grouped import unpack_bits
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -124,14 +124,16 @@ def test_extreme_magnitudes(name, kw, dtype, scale):
             assert rel < 0.06
 
 
-@pytest.mark.parametrize("name", ["int1", "int2", "fp8", "nm_sparse"])
-def test_non_finite_input_raises(name):
+@pytest.mark.parametrize("name", ["int1", "int2", "fp8", "nm_sparse", "lowrank"])
+@pytest.mark.parametrize("cols", [16, 300])  # 300: a padded last group
+def test_non_finite_input_raises(name, cols):
     codec = get_codec(name)
-    for bad in (float("inf"), float("nan")):
-        x = torch.randn(3, 16)
-        x[1, 5] = bad
-        with pytest.raises(ValueError, match="non-finite"):
-            codec.encode(x)
+    for bad in (float("inf"), -float("inf"), float("nan")):
+        for where in ((1, 5), (2, cols - 1)):
+            x = torch.randn(3, cols)
+            x[where] = bad
+            with pytest.raises(NonFiniteInput, match="non-finite"):
+                codec.encode(x)
 
 
 # --- error bounds -------------------------------------------------------------------------------

@@ -142,6 +142,23 @@ def test_nonfinite_input_sent_raw_and_logged_once(caplog):
     assert tx.stats()["nonfinite"] == 3
 
 
+@pytest.mark.parametrize("codec", ["int2", "int1", "fp8", "nm_sparse", "lowrank"])
+def test_overflowing_residual_is_sent_raw(codec):
+    # x and the base are finite but x - base overflows float32: the codec refuses it and the
+    # site falls back to a raw send (no exception), bases identical on both sides.
+    cfg = CompactConfig(codec=codec, warmup_steps=1, min_numel=0)
+    tx, rx = pair(cfg)
+    big = torch.finfo(torch.bfloat16).max
+    x = torch.full((4, 64), -big, dtype=torch.bfloat16)
+    rx.decode("o", tx.encode("o", x))
+    y = torch.full((4, 64), big, dtype=torch.bfloat16)
+    p = tx.encode("o", y)
+    rx.decode("o", p)
+    assert p.numel() == tx.raw_payload_nbytes((4, 64), torch.bfloat16)
+    assert tx.stats()["nonfinite"] == 1
+    assert torch.equal(tx.base("o"), y) and torch.equal(rx.base("o"), y)
+
+
 def test_reset_and_independence():
     cfg = CompactConfig(codec="int2", warmup_steps=1, min_numel=0)
     a, b = ResidualCompressor(cfg), ResidualCompressor(cfg)

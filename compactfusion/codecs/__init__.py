@@ -8,6 +8,7 @@ path and the oracle for the fused Triton kernels in ``compactfusion.kernels``.
 from .base import (
     SUPPORTED_DTYPES,
     Codec,
+    NonFiniteInput,
     PayloadError,
     decode_header,
     encode_header,
@@ -32,6 +33,7 @@ _register_builtin_codecs()
 __all__ = [
     "SUPPORTED_DTYPES",
     "Codec",
+    "NonFiniteInput",
     "PayloadError",
     "available_codecs",
     "codec_class",

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .base import Codec, align_up
+from .base import Codec, NonFiniteInput, align_up
 
 # Scales of groups (or rows) whose largest magnitude is below this are zero: the residual is
 # numerically nothing, and it keeps every power of two used below inside the normal range.
@@ -26,9 +26,12 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def check_finite(r: torch.Tensor, name: str) -> None:
-    if not bool(torch.isfinite(r).all()):
-        raise ValueError(f"{name} cannot encode non-finite values (inf or nan)")
+def check_finite(t: torch.Tensor, name: str) -> None:
+    """Raise :class:`NonFiniteInput` unless every element of ``t`` is finite. Codecs pass a
+    reduction that propagates inf and nan (a max of magnitudes) when they have one: checking
+    it costs nothing next to a pass over the residual."""
+    if not bool(torch.isfinite(t).all()):
+        raise NonFiniteInput(f"{name} cannot encode non-finite values (inf or nan)")
 
 
 def exponent(m: torch.Tensor) -> torch.Tensor:
@@ -47,19 +50,21 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack ``rows x L`` codes of ``bits`` bits (L a multiple of ``8 // bits``) into bytes.
 
     Element ``j`` of a row goes to byte ``j * bits // 8`` at bit ``(j * bits) % 8``, LSB first.
+    Computed as one small float32 matrix product (``sum_k c_k * 2**(k * bits)``, exact: every
+    byte is an integer below 256), then one conversion to uint8.
     """
     per = 8 // bits
     rows, length = codes.shape
-    c = codes.to(torch.int32).reshape(rows, length // per, per)
-    shifts = torch.arange(per, device=codes.device, dtype=torch.int32) * bits
-    return (c << shifts).sum(-1).to(torch.uint8)
+    weights = 2.0 ** (torch.arange(per, device=codes.device, dtype=torch.float32) * bits)
+    c = codes.to(torch.float32).reshape(rows, length // per, per)
+    return (c @ weights).to(torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: ``rows x nbytes`` bytes to ``rows x length`` int64 codes."""
+    """Inverse of :func:`pack_bits`: ``rows x nbytes`` bytes to ``rows x length`` uint8 codes."""
     per = 8 // bits
-    shifts = torch.arange(per, device=packed.device, dtype=torch.int64) * bits
-    c = (packed.to(torch.int64).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    shifts = torch.arange(per, device=packed.device, dtype=torch.uint8) * bits
+    c = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     return c.reshape(packed.shape[0], -1)[:, :length]
 
 
@@ -160,36 +165,44 @@ class GroupedCodec(Codec):
 
     # --- quantization -----------------------------------------------------------------------
     @staticmethod
-    def group_mean_abs(a: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Order-independent mean of ``a = |r|`` (``rows x ngroups x Ge``, zero padded)."""
-        m = a.amax(-1)
+    def group_mean_abs(a: torch.Tensor, counts: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """Order-independent mean of ``a = |r|`` (``rows x ngroups x Ge``, zero padded) whose
+        group maxima are ``m``. Overwrites ``a`` (it is scratch space afterwards)."""
         e_raw = exponent(m)
         e = e_raw.clamp(TINY_EXP, 127)  # the clamp only keeps the masked lanes finite
-        q = torch.floor(a * pow2(15 - e).unsqueeze(-1)).to(torch.int32)
-        s = q.sum(-1, dtype=torch.int32).to(torch.float32)
+        # a * 2**(15 - e) is exact and in [0, 2**16); its floor is an integer, and so is every
+        # partial sum of a group (below 256 * 2**16 = 2**24): float32 sums them exactly, in any
+        # order.
+        s = a.mul_(pow2(15 - e).unsqueeze(-1)).floor_().sum(-1)
         mean = (s * pow2(e - 15)) / counts.expand_as(s)
         return torch.where(e_raw < TINY_EXP, torch.zeros_like(mean), mean)
 
     def _quantize(
         self, r: torch.Tensor, mean_abs: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Codes (int, same shape as ``r``) and bf16 scales (``rows x ngroups``)."""
+        """Codes as float32 integers (same shape as ``r``) and bf16 scales (``rows x ngroups``).
+        (Comparisons into float32 outputs are several times faster on CPU than into bool.)"""
         raise NotImplementedError
 
     def _dequantize(self, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        """float32 values of ``codes`` (``rows x ngroups x Ge``) with bf16 ``scales``."""
+        """float32 values of integer ``codes`` (``rows x ngroups x Ge``; float32 or uint8) with
+        bf16 ``scales``."""
         raise NotImplementedError
 
     def _encode_rows(self, r: torch.Tensor, dtype: torch.dtype, state: Any):
-        check_finite(r, self.name)
         rows, cols = r.shape
         lay = self.layout(rows, cols)
-        rp = F.pad(r, (0, lay.padded_cols - cols)).reshape(rows, lay.ngroups, lay.group)
-        col = torch.arange(lay.padded_cols, device=r.device).reshape(lay.ngroups, lay.group)
-        counts = (cols - col[:, 0]).clamp(max=lay.group).to(torch.float32)
-        mean = self.group_mean_abs(rp.abs(), counts)
-        codes, scales = self._quantize(rp, mean)
-        codes = torch.where(col < cols, codes, torch.zeros_like(codes))  # padded codes are 0
+        pad = lay.padded_cols - cols
+        rp = (F.pad(r, (0, pad)) if pad else r).reshape(rows, lay.ngroups, lay.group)
+        a = rp.abs()
+        m = a.amax(-1)  # inf and nan propagate into the group maxima
+        check_finite(m, self.name)
+        col = torch.arange(lay.ngroups, device=r.device) * lay.group
+        counts = (cols - col).clamp(max=lay.group).to(torch.float32)
+        codes, scales = self._quantize(rp, self.group_mean_abs(a, counts, m))
+        if pad:  # padded codes are 0
+            valid = torch.arange(lay.padded_cols, device=r.device) < cols
+            codes = codes * valid.reshape(lay.ngroups, lay.group)
         recon = self._dequantize(codes, scales).reshape(rows, lay.padded_cols)[:, :cols]
         packed = pack_bits(codes.reshape(rows, lay.padded_cols), self.bits)
         data = join_sections(

@@ -47,6 +47,10 @@ class PayloadError(ValueError):
     """A payload is corrupt, truncated, or does not match the codec decoding it."""
 
 
+class NonFiniteInput(ValueError):
+    """A lossy codec was asked to encode inf or nan (the residual state then sends raw)."""
+
+
 def align_up(n: int, a: int = ALIGN) -> int:
     return (n + a - 1) // a * a
 
@@ -178,10 +182,10 @@ class Codec(ABC):
         ``new_base = (base.float() + decoded residual).to(base.dtype)``, computed with exactly
         the arithmetic ``decode_residual`` uses, so sender and receiver bases are bit-identical.
         """
-        r = x.float() - base.float()
+        base_float = base.float()
+        r = x.to(torch.float32, copy=True).sub_(base_float)  # in place: fewer fresh pages
         payload, recon = self.encode_with_reconstruction(r.reshape(x.shape), state, x.dtype)
-        new_base = (base.float().reshape(recon.shape) + recon).to(base.dtype).reshape(base.shape)
-        return payload, new_base
+        return payload, add_rounded(base, recon, base_float=base_float)
 
     def decode_residual(
         self, payload: torch.Tensor, base: torch.Tensor, out: torch.Tensor | None = None
@@ -194,12 +198,7 @@ class Codec(ABC):
                 f"{tuple(base.shape)} {base.dtype}"
             )
         rows, cols = rows_cols(shape)
-        recon = self._decode_rows(data, rows, cols, dtype)
-        new = (base.float().reshape(rows, cols) + recon).to(dtype).reshape(shape)
-        if out is None:
-            return new
-        out.copy_(new)
-        return out
+        return add_rounded(base, self._decode_rows(data, rows, cols, dtype), out)
 
     # --- header -------------------------------------------------------------------------------
     def _assemble(
@@ -245,6 +244,27 @@ class Codec(ABC):
                 f"{hdr + align_up(need)} bytes, got {payload.numel()} (truncated or padded)"
             )
         return shape, dtype, payload[hdr : hdr + need]
+
+
+def add_rounded(
+    base: torch.Tensor,
+    recon: torch.Tensor,
+    out: torch.Tensor | None = None,
+    base_float: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``(base.float() + recon).to(base.dtype)``, written to ``out`` when given (``out`` may be
+    ``base`` or a strided slice of a buffer); ``base_float`` may hold ``base.float()``.
+
+    ``recon`` is the float32 ``rows x cols`` matrix of a codec; the sum is formed in float32 and
+    rounded once to nearest even, exactly as the fused kernels do. (Every operand is converted
+    explicitly: mixed-dtype elementwise ops are several times slower on CPU.)"""
+    if base_float is None:
+        base_float = base.float()
+    total = base_float.reshape(recon.shape) + recon
+    if out is None:
+        return total.to(base.dtype).reshape(base.shape)
+    out.copy_(total.view(out.shape))
+    return out
 
 
 def encode_header(

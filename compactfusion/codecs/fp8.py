@@ -59,9 +59,9 @@ class Fp8Codec(Codec):
         return self.layout(rows, cols).nbytes
 
     def _encode_rows(self, r: torch.Tensor, dtype: torch.dtype, state: Any):
-        check_finite(r, self.name)
         rows, cols = r.shape
-        m = r.abs().amax(1, keepdim=True)
+        m = r.abs().amax(1, keepdim=True)  # inf and nan propagate into the row maxima
+        check_finite(m, self.name)
         # Divide by a tensor, not a Python scalar: CUDA torch turns scalar division into a
         # multiplication by the (inexact) reciprocal.
         s = (m / torch.full_like(m, FP8_MAX)).to(torch.bfloat16)

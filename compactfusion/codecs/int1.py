@@ -33,7 +33,9 @@ class Int1Codec(GroupedCodec):
 
     def _quantize(self, r, mean_abs):
         scales = mean_abs.to(torch.bfloat16)
-        return (r >= 0).to(torch.int64), scales
+        return torch.ge(r, 0, out=torch.empty_like(r)), scales
 
     def _dequantize(self, codes, scales):
-        return (2.0 * codes.to(torch.float32) - 1.0) * scales.float().unsqueeze(-1)
+        # (2c - 1) * s: both steps exact (small integers times a bf16 value)
+        recon = codes.to(torch.float32) * 2.0
+        return recon.sub_(1.0).mul_(scales.float().unsqueeze(-1))

@@ -37,8 +37,13 @@ class Int2Codec(GroupedCodec):
     def _quantize(self, r, mean_abs):
         d = (mean_abs * 0.625).to(torch.bfloat16)
         two_d = 2.0 * d.float().unsqueeze(-1)
-        codes = (r >= -two_d).to(torch.int64) + (r >= 0).to(torch.int64) + (r >= two_d)
+        codes = torch.ge(r, -two_d, out=torch.empty_like(r))
+        step = torch.ge(r, 0, out=torch.empty_like(r))
+        codes += step
+        codes += torch.ge(r, two_d, out=step)
         return codes, d
 
     def _dequantize(self, codes, scales):
-        return (2.0 * codes.to(torch.float32) - 3.0) * scales.float().unsqueeze(-1)
+        # (2c - 3) * d: both steps exact (small integers times a bf16 value)
+        recon = codes.to(torch.float32) * 2.0
+        return recon.sub_(3.0).mul_(scales.float().unsqueeze(-1))

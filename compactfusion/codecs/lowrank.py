@@ -67,6 +67,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ._grouped import check_finite
 from .base import Codec, align_up
 from .registry import register_codec
 
@@ -261,15 +262,19 @@ class LowRankCodec(Codec):
         """Float32 factors ``(P, Q)`` of the float32 ``rows x cols`` matrix ``r``.
 
         ``P`` (``rows x k``) has orthonormal columns and ``P @ Q.T`` approximates ``r``.
-        Updates ``state``'s warm start; ``state=None`` starts cold from the seed.
+        Updates ``state``'s warm start; ``state=None`` starts cold from the seed. Raises
+        ``NonFiniteInput`` (state untouched) when ``r`` holds inf or nan.
         """
         if r.dim() != 2 or r.dtype != torch.float32:
             raise ValueError(f"lowrank: factorize needs a 2-D float32 matrix, got {r.dtype}")
         state = LowRankState() if state is None else state
         rows, cols = r.shape
         q = q_prev = self._warm_start(state, rows, cols, r.device)
-        for _ in range(self.iters):
-            p = _orthonormalize(r @ q)
+        for i in range(self.iters):
+            p = r @ q
+            if i == 0:  # inf or nan anywhere in r reaches its row of r @ q
+                check_finite(p, self.name)
+            p = _orthonormalize(p)
             q = r.T @ p
         state.q = _unit_columns(q, q_prev)
         state.calls += 1

@@ -130,7 +130,7 @@ class NMSparseCodec(Codec):
         )
         vals = vals.view(dtype).reshape(rows, lay.ngroups, self.n)
         idx = unpack_bits(idx.reshape(rows, lay.index_row_bytes), lay.index_bits, lay.slots)
-        idx = idx.reshape(rows, lay.ngroups, self.n)
+        idx = idx.reshape(rows, lay.ngroups, self.n).long()
         if int(idx.max()) >= self.m:
             raise PayloadError(f"nm_sparse payload holds an index >= m = {self.m}")
         return self._scatter(vals, idx, rows, cols)
