@@ -15,8 +15,14 @@ For each codec (int1, int2, fp8, nm_sparse) and activation size, times the sende
 Rows go to ``kernels.csv`` (each stamped with the device name and the torch and triton
 versions) and the plot ``kernels.png`` is drawn from that CSV.
 
+``--torch-only`` times just the torch reference codecs at the real sizes (no Triton, no
+interpreter) into ``kernels_torch.csv`` and prints, per codec, the throughput the ``auto``
+policy plans with (``compactfusion.policy``: encode + decode bytes over encode + decode time,
+at the largest size): the figure to put in ``COMPACTFUSION_CODEC_GBPS`` for a CPU run.
+
     python benchmarks/kernels.py                      # CUDA, FLUX / CogVideoX sizes, bf16
     python benchmarks/kernels.py --device cpu --out /tmp/bench   # CI smoke run (interpreter)
+    python benchmarks/kernels.py --device cpu --torch-only --threads 1 --out /tmp/bench
 """
 
 from __future__ import annotations
@@ -66,7 +72,33 @@ def _parse_args(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--codecs", nargs="+", choices=CODECS, default=CODECS)
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default per device)")
+    p.add_argument(
+        "--torch-only",
+        action="store_true",
+        help="time only the torch reference codecs, at the real sizes (the auto policy's figure)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument(
+        "--size",
+        action="append",
+        type=_size,
+        help="ROWSxCOLS to time instead of the default sizes (repeatable)",
+    )
     return p.parse_args(argv)
+
+
+def _size(text: str) -> tuple[str, tuple[int, int]]:
+    try:
+        rows, cols = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--size must look like 1024x3072, got {text!r}") from None
+    if rows <= 0 or cols <= 0:
+        raise argparse.ArgumentTypeError(f"--size must be positive, got {text!r}")
+    return f"{rows}x{cols}", (rows, cols)
+
+
+def _sizes(args, default: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    return dict(args.size) if args.size else default
 
 
 def _timer(device: str, reps: int):
@@ -114,6 +146,8 @@ def _copy_gbps(torch, device: str, bench) -> float:
 
 
 def run(args) -> str:
+    if args.torch_only:
+        return run_torch_only(args)
     if args.device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are decorated
     import compactfusion.kernels as kernels
@@ -127,7 +161,7 @@ def run(args) -> str:
     if args.device == "cpu" and not kernels.interpreted():
         raise SystemExit("--device cpu needs TRITON_INTERPRET=1 before the kernels are imported")
     dtype = getattr(torch, DTYPES[args.dtype])
-    sizes = SIZES_CUDA if args.device == "cuda" else SIZES_CPU
+    sizes = _sizes(args, SIZES_CUDA if args.device == "cuda" else SIZES_CPU)
     reps = args.reps or (100 if args.device == "cuda" else 3)
     bench = _timer(args.device, reps)
     if args.device == "cuda":
@@ -196,6 +230,84 @@ def run(args) -> str:
         w.writerows(rows_out)
     print(f"wrote {path}")
     plot(path, os.path.join(args.out, "kernels.png"))
+    return path
+
+
+def run_torch_only(args) -> str:
+    """Time the torch reference codecs (encode_residual / decode_residual) at the real sizes."""
+    import torch
+
+    from compactfusion.codecs import get_codec
+    from compactfusion.environment import cpu_name
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: use --device cpu")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, DTYPES[args.dtype])
+    reps = args.reps or (50 if args.device == "cuda" else 10)
+    bench = _timer(args.device, reps)
+    if args.device == "cuda":
+        device_name = torch.cuda.get_device_name()
+    else:
+        device_name = f"cpu {cpu_name()}, {torch.get_num_threads()} thread(s)"
+    stamp = {"device": device_name, "torch": torch.__version__, "triton": ""}
+    copy_gbps = _copy_gbps(torch, args.device, bench)
+    print(f"{device_name}: copy bandwidth {copy_gbps:.1f} GB/s")
+    rows_out, policy = [], {}
+    for name in args.codecs:
+        codec = get_codec(name)
+        for label, (rows, cols) in _sizes(args, SIZES_CUDA).items():
+            g = torch.Generator(device=args.device).manual_seed(0)
+            x = torch.randn(rows, cols, generator=g, device=args.device).to(dtype)
+            base = (0.9 * x.float() + 0.1 * torch.randn_like(x.float())).to(dtype)
+            out = torch.empty_like(base)
+            payload, _ = codec.encode_residual(x, base)
+            act = rows * cols * dtype.itemsize
+            nbytes = {"encode": 3 * act + payload.numel(), "decode": payload.numel() + 2 * act}
+            times = {
+                "encode": bench(lambda c=codec, x=x, b=base: c.encode_residual(x, b)),
+                "decode": bench(
+                    lambda c=codec, p=payload, b=base, o=out: c.decode_residual(p, b, o)
+                ),
+            }
+            for op, (med, p20, p80) in times.items():
+                gbps = nbytes[op] / (med * 1e-6) / 1e9
+                rows_out.append(
+                    {
+                        "codec": name,
+                        "size": label,
+                        "rows": rows,
+                        "cols": cols,
+                        "dtype": args.dtype,
+                        "op": op,
+                        "impl": "torch",
+                        "median_us": f"{med:.2f}",
+                        "p20_us": f"{p20:.2f}",
+                        "p80_us": f"{p80:.2f}",
+                        "min_bytes": nbytes[op],
+                        "gbps": f"{gbps:.4g}",
+                        "pct_copy_bw": f"{100 * gbps / copy_gbps:.4g}",
+                        "speedup_vs_torch": "1",
+                        "copy_gbps": f"{copy_gbps:.1f}",
+                        **stamp,
+                    }
+                )
+                print(
+                    f"{name:9s} {label:28s} {op} torch {med:10.1f} us [{p20:.1f}, {p80:.1f}] "
+                    f"{gbps:8.2f} GB/s"
+                )
+            total_s = (times["encode"][0] + times["decode"][0]) * 1e-6
+            policy[name] = (nbytes["encode"] + nbytes["decode"]) / total_s / 1e9
+    for name, gbps in policy.items():
+        print(f"policy figure {name}: {gbps:.2f} GB/s (encode + decode, {label})")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "kernels_torch.csv")
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        w.writerows(rows_out)
+    print(f"wrote {path}")
     return path
 
 

@@ -278,6 +278,44 @@ def test_benchmark_smoke(tmp_path):
     assert all(float(r["median_us"]) > 0 and int(r["min_bytes"]) > 0 for r in rows)
 
 
+def test_benchmark_torch_only(tmp_path, capsys):
+    """``--torch-only`` times the reference codecs at a given size without Triton and prints
+    the auto policy's planning figure per codec."""
+    import csv
+
+    bench = _load_benchmark()
+    args = bench._parse_args(
+        ["--device", "cpu", "--torch-only", "--codecs", "int2", "fp8", "--reps", "2"]
+        + ["--size", "64x256", "--size", "8x96", "--threads", "1", "--out", str(tmp_path)]
+    )
+    bench.run(args)
+    with open(tmp_path / "kernels_torch.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["codec"], r["size"], r["op"]) for r in rows} == {
+        (c, s, op)
+        for c in ("int2", "fp8")
+        for s in ("64x256", "8x96")
+        for op in ("encode", "decode")
+    }
+    assert all(r["impl"] == "torch" and float(r["gbps"]) > 0 for r in rows)
+    out = capsys.readouterr().out
+    assert "policy figure int2:" in out and "policy figure fp8:" in out
+    with pytest.raises(SystemExit):
+        bench._parse_args(["--size", "64by256"])
+
+
+def _load_benchmark():
+    import importlib.util
+
+    path = os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "kernels.py"
+    )
+    spec = importlib.util.spec_from_file_location("bench_kernels", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.skipif(CUDA, reason="the CUDA tests compile the kernels for real")
 def test_kernels_compile_for_sm90():
     """The interpreter never compiles: build every bf16 kernel for an H100 (sm_90) with
