@@ -192,7 +192,11 @@ def compressed_all_to_all(
         retry |= marker
         send[j, : payload.numel()] = payload
     if retry:
-        send[rank, :] = retry_marker(chunks[rank], nbytes)
+        # Every peer must learn of the retry, not only those whose chunk was not finite:
+        # all ranks then repeat the exchange together.
+        marker = retry_marker(chunks[rank], nbytes)
+        for j in range(world):
+            send[j] = marker
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
     headers = host_headers(recv)
