@@ -23,10 +23,11 @@ Rows are stamped with the CPU, torch/xfuser versions, link settings and model si
 What to expect. Per step, uncompressed all-gather costs ``k + 1/B`` per byte of K/V shard
 (``k``: compute per byte, ``B``: link bytes/s); a codec with wire ratio ``rho`` costs
 ``k + c + 1/(rho B)`` (``c``: encode + base update + peer decode per byte). A speed-up of 3x
-needs ``(1 - 3/rho) / B >= 2k + 3c``. On a GPU (FLUX on an H100: ``k`` ~ 0.1 ns/B, fused
-kernels ``c`` ~ 1e-3 ns/B) that holds up to tens of Gbit/s. On a CPU both are ~100-1000x
-larger (measured here: ``k`` ~ 37 ns/B, the torch reference int1/int2 ``c`` ~ 6-10 ns/B)
-while a 1 Gbit/s link moves a byte in 8 ns: even a free codec could not be 3x faster there, and
+needs ``(1 - 3/rho) / B >= 2k + 3c``. On a GPU (FLUX on an H100, as ``benchmarks/model.py``
+predicts it, not measured: ``k`` ~ 0.1 ns/B, fused kernels ``c`` ~ 1e-3 ns/B) that holds up to
+tens of Gbit/s. On a CPU both are ~100-1000x larger (measured here: ``k`` ~ 36 ns/B, the torch
+reference int1/int2 ``c`` ~ 1-2 ns/B) while a 1 Gbit/s link moves a byte in 8 ns: even a free
+codec could not be 3x faster there, and
 the crossover moves to slow links; hence the 25 Mbit/s default rate. ``--sizes`` and
 ``--rates`` let you explore it.
 
