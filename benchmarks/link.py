@@ -11,8 +11,8 @@ are counted per rate.
 
 For each link rate the same two rank processes run every method in turn (see ``METHODS``):
 uncompressed patch parallel (``raw`` all-gather), uncompressed ring relay, ``stale``
-(DistriFusion), Ulysses uncompressed and int2, each codec in all-gather mode and int2 in ring
-mode. Per method and rate the CSV row holds the time per denoising step (median, min, max,
+(DistriFusion), Ulysses uncompressed and int2, each codec in all-gather mode, int2 in ring
+mode, and int2 and int1 in stale mode (compressed DistriFusion). Per method and rate the CSV row holds the time per denoising step (median, min, max,
 quartiles over the timed steps of one generation, max over the two ranks of each step), the
 payload bytes this rank sent per step (``compactfusion.stats``), the bytes that actually left
 the interface per step (``/sys/class/net/<veth>/statistics/tx_bytes``, TCP/IP headers
@@ -92,6 +92,8 @@ METHODS: tuple[Method, ...] = (
     Method("nm_sparse", "nm_sparse", codec_params={"n": 1, "m": 4}),
     Method("lowrank", "lowrank", codec_params={"rank": 16}),
     Method("int2-ring", "int2", mode="ring"),
+    Method("int2-stale", "int2", mode="stale"),
+    Method("int1-stale", "int1", mode="stale"),
     Method("ulysses-raw", "raw", ulysses=True),
     Method("ulysses-int2", "int2", ulysses=True),
 )

@@ -11,12 +11,18 @@ site with the same shapes, so ``ResidualCompressor.payload_nbytes`` gives the sa
 everywhere (``check_consistent`` verifies the configs once). The one exception is a rank whose
 input is not finite: it sends a small *retry marker* instead of a payload, and then every rank
 repeats the collective with raw payloads, which also restarts all bases of that site exactly.
+
+The all-gather also comes in two halves, ``start_compressed_all_gather`` (encode and launch,
+optionally asynchronous) and ``finish_compressed_all_gather`` (wait and decode), for callers
+that overlap the transfer with other work (the ``stale`` mode of the xDiT integration).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -117,33 +123,83 @@ def compressed_all_gather(
     buffer every call (or ``None``) and do not modify it in between.
     """
     world, rank = dist.get_world_size(group), dist.get_rank(group)
+    out = gather_buffer(x, world, out)
+    if not finish_compressed_all_gather(
+        comp, start_compressed_all_gather(comp, site, x, group), out
+    ):
+        return raw_all_gather(comp, site, x, group, out)
+    out[rank].copy_(x)
+    return out
+
+
+def gather_buffer(x: torch.Tensor, world: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``out`` checked to be a ``(world, *x.shape)`` tensor of ``x``'s dtype, or a new one."""
     if out is None:
-        out = torch.empty((world, *x.shape), dtype=x.dtype, device=x.device)
-    elif tuple(out.shape) != (world, *x.shape) or out.dtype != x.dtype:
+        return torch.empty((world, *x.shape), dtype=x.dtype, device=x.device)
+    if tuple(out.shape) != (world, *x.shape) or out.dtype != x.dtype:
         raise ValueError(
             f"out must be a {(world, *x.shape)} {x.dtype} tensor, got {tuple(out.shape)} "
             f"{out.dtype}"
         )
+    return out
+
+
+@dataclass
+class PendingGather:
+    """A compressed all-gather started by :func:`start_compressed_all_gather`."""
+
+    site: Hashable
+    rank: int
+    payloads: torch.Tensor  # (world, nbytes) uint8; complete once ``work`` is
+    work: Any = None  # the asynchronous work handle (None: already complete)
+
+    def wait(self) -> None:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+
+
+def start_compressed_all_gather(
+    comp: ResidualCompressor,
+    site: Hashable,
+    x: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+    async_op: bool = False,
+) -> PendingGather:
+    """Encode ``x`` (this rank's block of ``site``; updates its base) and gather every rank's
+    payload, asynchronously with ``async_op``. Every rank must call it, then
+    :func:`finish_compressed_all_gather`, in the same order as its other collectives."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
     key = (site, rank)
     nbytes = comp.payload_nbytes(key, tuple(x.shape), x.dtype)
     payload, _ = _encode_fixed(comp, key, x, nbytes)
     gathered = torch.empty(world * nbytes, dtype=torch.uint8, device=x.device)
-    all_gather_flat(gathered, payload, group)
-    payloads = gathered.view(world, nbytes)
-    headers = host_headers(payloads)
+    work = all_gather_flat(gathered, payload, group, async_op=async_op)
+    return PendingGather(site, rank, gathered.view(world, nbytes), work if async_op else None)
+
+
+def finish_compressed_all_gather(
+    comp: ResidualCompressor, pending: PendingGather, out: torch.Tensor
+) -> bool:
+    """Wait for a started gather and decode each peer's payload into ``out[r]``, which becomes
+    that site's base (this rank's own slot is left alone).
+
+    Returns False, decoding nothing, when a rank sent a retry marker (its input was not
+    finite): every rank sees the same markers, and each must then repeat the exchange with
+    :func:`raw_all_gather`, which restarts the bases exactly.
+    """
+    pending.wait()
+    headers = host_headers(pending.payloads)
     if any(is_retry_marker(h) for h in headers):
-        return raw_all_gather(comp, site, x, group, out)
-    return _decode_gathered(comp, site, x, rank, payloads, headers, out)
+        return False
+    _decode_peers(comp, pending.site, pending.rank, pending.payloads, headers, out)
+    return True
 
 
-def _decode_gathered(comp, site, x, rank, payloads, headers, out):
-    """Own block exact; every peer's payload decoded into its slot (which becomes its base)."""
+def _decode_peers(comp, site, rank, payloads, headers, out):
     for r in range(payloads.shape[0]):
-        if r == rank:
-            out[r].copy_(x)
-        else:
+        if r != rank:
             comp.decode((site, r), payloads[r], out=out[r], header=headers[r])
-    return out
 
 
 def raw_all_gather(comp, site, x, group, out):
@@ -154,7 +210,10 @@ def raw_all_gather(comp, site, x, group, out):
     gathered = torch.empty(world * nbytes, dtype=torch.uint8, device=x.device)
     all_gather_flat(gathered, payload, group)
     payloads = gathered.view(world, nbytes)
-    return _decode_gathered(comp, site, x, rank, payloads, host_headers(payloads), out)
+    out = gather_buffer(x, world, out)
+    _decode_peers(comp, site, rank, payloads, host_headers(payloads), out)
+    out[rank].copy_(x)
+    return out
 
 
 def compressed_all_to_all(
@@ -234,11 +293,15 @@ def _raw_all_to_all(comp, site, x, group):
 
 __all__ = [
     "ConfigMismatchError",
+    "PendingGather",
     "check_consistent",
     "compressed_all_gather",
     "compressed_all_to_all",
+    "finish_compressed_all_gather",
+    "gather_buffer",
     "host_headers",
     "is_retry_marker",
     "raw_all_gather",
     "retry_marker",
+    "start_compressed_all_gather",
 ]

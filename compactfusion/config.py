@@ -50,7 +50,8 @@ class CompactConfig:
         mode: ring attention / patch parallel strategy of the xDiT integration:
             ``"allgather"`` (compressed patch parallel), ``"ring"`` (compressed ring
             attention with overlapped point-to-point relays) or ``"stale"`` (DistriFusion:
-            previous step's full-precision K/V, gathered asynchronously).
+            the previous step's K/V of the other ranks, gathered asynchronously; full
+            precision with codec ``raw``, compressed residuals otherwise).
         compress_ulysses: also compress Ulysses all-to-all traffic (q, k, v and output).
         policy: ``"always"`` compresses every eligible site; ``"auto"`` skips compression
             when, for the given ``link``, the codec would cost more than the transfer saves.
@@ -101,11 +102,6 @@ class CompactConfig:
             raise ValueError('link: policy="auto" needs a link hint (e.g. "pcie" or 25.0 GB/s)')
         if self.link is not None:
             self.link_bandwidth_gbps()  # validates
-        if self.mode == "stale" and self.codec != "raw":
-            raise NotImplementedError(
-                'mode="stale" (DistriFusion) sends full-precision stale K/V; use codec="raw" '
-                "with it (compressing stale activations is not implemented)"
-            )
         if not self.residual and not self.error_feedback:
             raise ValueError(
                 "error_feedback: must stay True when residual=False (there is no base to "

@@ -164,8 +164,7 @@ def build_parser(example: Example):
         cf,
         "compact-codec",
         default=None,
-        help=f"codec or preset: {sorted(set(_codec_names()) | set(PRESETS))} "
-        "(default: int2; raw with --compact-mode stale)",
+        help=f"codec or preset: {sorted(set(_codec_names()) | set(PRESETS))} (default: int2)",
     )
     flag(
         cf,
@@ -223,7 +222,7 @@ def compact_config(args, parser):
         if args.compact_compare:
             parser.error("--compact-compare compares with compactfusion on: drop --compact-off")
         return None
-    codec = args.compact_codec or ("raw" if args.compact_mode == "stale" else "int2")
+    codec = args.compact_codec or "int2"
     fields: dict[str, Any] = {"mode": args.compact_mode, "policy": args.compact_policy}
     if args.compact_warmup is not None:
         fields["warmup_steps"] = args.compact_warmup

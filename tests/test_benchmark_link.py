@@ -74,7 +74,7 @@ def _check_outputs(link, out, stdout: str) -> None:
     # less (warm-up excluded).
     for name in ("raw-ring", "stale", "ulysses-raw"):
         assert abs(int(by_method[name]["bytes_per_step"]) - raw) < 0.02 * raw
-    for name in ("int2", "int1", "int2-ring"):
+    for name in ("int2", "int1", "int2-ring", "int2-stale", "int1-stale"):
         assert int(by_method[name]["bytes_per_step"]) * 4 < raw
     assert float(by_method["int1"]["ratio"]) > float(by_method["int2"]["ratio"]) > 4
 

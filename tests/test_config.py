@@ -45,8 +45,7 @@ def test_bad_values_name_the_field(kwargs, field):
 
 
 def test_declared_but_unbuilt_combination():
-    with pytest.raises(NotImplementedError, match="stale"):
-        CompactConfig(codec="int2", mode="stale")
+    CompactConfig(codec="int2", mode="stale")  # compressed DistriFusion
     CompactConfig(codec="raw", mode="stale")
 
 

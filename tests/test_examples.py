@@ -148,11 +148,12 @@ def test_example_rejects_bad_compact_flags(tmp_path):
     """Flag errors are reported before any process group exists (plain python, no torchrun)."""
     proc = _run(
         tmp_path,
-        ["examples/flux_example.py", "--compact-mode", "stale", "--compact-codec", "int2"],
+        ["examples/flux_example.py", "--compact-codec", "lowrank", "--compact-codec-params",
+         '{"rank": 0}'],
         nproc=None,
-    )
+    )  # fmt: skip
     assert proc.returncode == 2
-    assert 'mode="stale"' in proc.stderr and "codec" in proc.stderr
+    assert "compactfusion:" in proc.stderr and "rank" in proc.stderr
 
 
 # ---- in-process checks of the shared helpers (no xfuser import, no process group) ----------
@@ -200,7 +201,8 @@ def test_compact_flags_map_to_config(common):
         _flags(compact_codec="nm_sparse", compact_codec_params='{"n": 2, "m": 8}'), _Parser()
     )
     assert cfg.codec == "nm_sparse" and cfg.codec_params == {"n": 2, "m": 8}
-    assert common.compact_config(_flags(compact_mode="stale"), _Parser()).codec == "raw"
+    cfg = common.compact_config(_flags(compact_mode="stale"), _Parser())
+    assert cfg.codec == "int2" and cfg.mode == "stale"  # compressed DistriFusion
     cfg = common.compact_config(
         _flags(compact_codec="int1", compact_policy="auto", compact_link="12.5"), _Parser()
     )

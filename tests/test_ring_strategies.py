@@ -1,6 +1,6 @@
 """The three ring-attention strategies of the xDiT integration, on 3 gloo ranks, with a plain
-torch attention function (no xfuser needed): exact with raw, close with int2, and a
-non-finite K/V on one rank triggers the raw retry on every rank."""
+torch attention function (no xfuser needed): exact with raw, close with int2 (stale mode
+included), and a non-finite K/V on one rank triggers the raw retry on every rank."""
 
 import math
 
@@ -51,8 +51,9 @@ def _rank(rank, world):
         ("allgather-int2", _allgather_attention, "int2"),
         ("ring-int2", _ring_relay_attention, "int2"),
         ("stale", _stale_attention, "raw"),
+        ("stale-int2", _stale_attention, "int2"),
     ):
-        mode = "stale" if name == "stale" else name.split("-")[0]
+        mode = name.split("-")[0]
         cfg = CompactConfig(codec=codec, mode=mode, min_numel=0)
         state = XDiTState(config=cfg, compressor=ResidualCompressor(cfg), original_class=object)
         errs = []
@@ -84,17 +85,45 @@ def _rank(rank, world):
         exact, _ = attention(q, torch.cat(ks, 2), torch.cat(vs, 2), joint_attn_kwargs=joint)
         results[f"retry-{name}"] = bool(torch.allclose(out, exact, atol=1e-5, equal_nan=True))
         results[f"retry-{name}-nonfinite"] = state.compressor.stats()["nonfinite"]
+    # Compressed stale: rank 1's K at step 1 is not finite. Its payload (a retry marker) is
+    # decoded at step 2, where every rank gathers step 2's K/V raw instead: exact there, and
+    # compressed again (close, not exact) at step 3.
+    cfg = CompactConfig(codec="int2", mode="stale", min_numel=0)
+    state = XDiTState(config=cfg, compressor=ResidualCompressor(cfg), original_class=object)
+    errs = []
+    for step in range(4):
+        q, k, v = qkv(rank, step)
+        if step == 1 and rank == 1:
+            k[0, 0, 0, 0] = float("inf")
+        ks = [torch.empty_like(k) for _ in range(world)]
+        vs = [torch.empty_like(v) for _ in range(world)]
+        dist.all_gather(ks, k.contiguous())
+        dist.all_gather(vs, v.contiguous())
+        exact, _ = attention(q, torch.cat(ks, 2), torch.cat(vs, 2), joint_attn_kwargs=joint)
+        state.begin_step()
+        out = _stale_attention(state, "layer0", attention, q, k, v, None, dict(kw))
+        state.end_step()
+        errs.append(float((out - exact).norm() / exact.norm()))
+    results["retry-stale"] = errs
+    results["retry-stale-nonfinite"] = state.compressor.stats()["nonfinite"]
     return results
 
 
 def test_strategies_on_three_ranks():
     results = spawn_ranks(_rank, 3, timeout=180)
-    for name in ("allgather", "ring"):  # rank 1 really sent a non-finite activation raw
+    for name in ("allgather", "ring", "stale"):  # rank 1 really sent a non-finite K/V raw
         assert [r[f"retry-{name}-nonfinite"] for r in results] == [0, 1, 0]
     for res in results:
         assert max(res["allgather-raw"]) < 1e-6 and max(res["ring-raw"]) < 1e-6, res
         for name in ("allgather-int2", "ring-int2"):
             assert res[name][0] < 1e-6 and 0 < max(res[name][1:]) < 0.1, (name, res[name])
-        # DistriFusion: exact at the warm-up step, then one step stale.
+        # DistriFusion: exact at the warm-up step, then one step stale; compressed stale is
+        # as close (the K/V error of int2 is small next to one step of staleness).
         assert res["stale"][0] < 1e-6 and 0 < max(res["stale"][1:]) < 0.2, res["stale"]
+        s, c = res["stale"], res["stale-int2"]
+        assert c[0] < 1e-6 and all(0 < b < 1.1 * a for a, b in zip(s[1:], c[1:], strict=True)), (
+            s,
+            c,
+        )
+        assert res["retry-stale"][2] < 1e-6 and 0 < res["retry-stale"][3] < 0.2, res
         assert res["retry-allgather"] and res["retry-ring"], res

@@ -95,11 +95,19 @@ def _flux_ring_checks(rank, world, device):
             out = generate(pipe, "flux", steps=4)
         res[f"raw_{mode}_vs_parallel"] = rel(out, plain)
         res[f"raw_{mode}_vs_single"] = rel(out, single)
+        if mode == "stale":
+            raw_stale = out
     for codec in ("int2", "int1"):
         for mode in ("allgather", "ring"):
             with cf.patched(pipe, CompactConfig(codec=codec, mode=mode, min_numel=0)):
                 out = generate(pipe, "flux", steps=4)
             res[f"{codec}_{mode}"] = rel(out, plain)
+    # Compressed DistriFusion: near the full-precision stale run, a fraction of its bytes.
+    with cf.patched(pipe, CompactConfig(codec="int2", mode="stale", min_numel=0)):
+        out = generate(pipe, "flux", steps=4)
+        res["int2_stale_ratio"] = cf.stats(pipe)["ratio_after_warmup"]
+    res["int2_stale_vs_raw_stale"] = rel(out, raw_stale)
+    res["int2_stale"] = rel(out, plain)
     # Two generations in a row, the second at another resolution: both correct.
     plain_48 = generate(pipe, "flux", steps=3, height=48, width=48)
     with cf.patched(pipe, CompactConfig(codec="raw")):
@@ -158,6 +166,9 @@ def test_flux_ring_modes_codecs_and_lifecycle():
             assert res[f"raw_{mode}_vs_single"] < 1e-5, res
         # DistriFusion attends to one-step-stale K/V: close, not exact.
         assert 0 < res["raw_stale_vs_parallel"] < 0.05, res
+        assert 0 < res["int2_stale_vs_raw_stale"] < LOSSY["int2"], res
+        assert 0 < res["int2_stale"] < 0.05 + LOSSY["int2"], res
+        assert res["int2_stale_ratio"] > 12, res  # float32 K/V: int2 is ~15x
         for codec, bound in LOSSY.items():
             for mode in ("allgather", "ring"):
                 assert 0 < res[f"{codec}_{mode}"] < bound, (codec, mode, res)

@@ -13,8 +13,11 @@ Where xfuser moves activations (see ``../shared/DESIGN.md``):
   * ``ring``: the payloads travel around the ring with ``batch_isend_irecv``; the relay of a
     payload is started before it is decoded and attended, so transfer overlaps compute, and
     per-block outputs are merged by log-sum-exp.
-  * ``stale`` (DistriFusion): the full-precision K/V of the previous step is gathered
-    asynchronously while the current step computes; only the local block is fresh.
+  * ``stale`` (DistriFusion): the other ranks' K/V of the previous step, gathered
+    asynchronously while the current step computes; only the local block is fresh. With
+    codec ``raw`` the K/V travel in full precision; with a lossy codec as compressed residuals
+    (started after the attention of step t, decoded before the attention of step t+1 into
+    per-layer buffers, the receivers' bases).
 
 - ``usp._sdpa_all_to_all_single(x)`` carries every Ulysses all-to-all (q, k, v, combined qkv
   and the attention output). It is replaced by ``compressed_all_to_all`` with one residual
@@ -45,10 +48,12 @@ from ..collectives import (
     check_consistent,
     compressed_all_gather,
     compressed_all_to_all,
+    finish_compressed_all_gather,
     host_headers,
     is_retry_marker,
     raw_all_gather,
     retry_marker,
+    start_compressed_all_gather,
 )
 from ..config import CompactConfig
 from ..policy import codec_throughput_gbps
@@ -446,32 +451,68 @@ def _raw_retry_attention(state, layer, attention_function, query, key, value, gr
 def _stale_attention(state, layer, attention_function, query, key, value, group, kw):
     """DistriFusion: attend to the previous step's K/V of the other ranks (gathered
     asynchronously during the previous step) and the fresh local K/V."""
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    local = torch.stack([key, value]).contiguous()
-    entry = state.stale.get(layer)
+    rank = dist.get_rank(group)
+    lossless = state.compressor.codec.lossless
+    local = torch.stack([key, value]).contiguous() if lossless else _local_kv(state, key, value)
+    entry = state.stale.pop(layer, None)
     fresh = (
         entry is None
         or entry["shape"] != tuple(local.shape)
         or state.step < max(state.config.warmup_steps, 1)
     )
-    if entry is not None and entry.get("work") is not None:
-        entry["work"].wait()
-    if fresh:  # warm-up: a synchronous, exact gather
-        gathered = local.new_empty(world * local.numel())
-        all_gather_flat(gathered, local.reshape(-1), group)
-        gathered = gathered.view(world, *local.shape)
-        state.stale_bytes += local.numel() * local.element_size()
+    if lossless:
+        gathered = _stale_gather_raw(state, local, group, entry, fresh)
+        blocks = [(key, value) if r == rank else tuple(gathered[r]) for r in range(len(gathered))]
     else:
-        gathered = entry["buffer"]
-    blocks = [(key, value) if r == rank else (gathered[r, 0], gathered[r, 1]) for r in range(world)]
+        gathered = _stale_gather_compressed(state, layer, local, group, entry, fresh)
+        blocks = _decoded_blocks(state, gathered, key, value, rank)
     out = _attend_gathered(attention_function, query, blocks, kw)
     # Start gathering this step's K/V for the next step; it overlaps the rest of this step.
-    nxt = local.new_empty(world * local.numel())
-    work = all_gather_flat(nxt, local.reshape(-1), group, async_op=True)
-    nxt = nxt.view(world, *local.shape)
-    state.stale_bytes += local.numel() * local.element_size()
-    state.stale[layer] = {"buffer": nxt, "work": work, "shape": tuple(local.shape)}
+    if lossless:
+        nxt = local.new_empty(dist.get_world_size(group) * local.numel())
+        work = all_gather_flat(nxt, local.reshape(-1), group, async_op=True)
+        state.stale_bytes += local.numel() * local.element_size()
+        entry = {"buffer": nxt.view(-1, *local.shape), "work": work}
+    else:
+        pending = start_compressed_all_gather(
+            state.compressor, (layer, "kv"), local, group, async_op=True
+        )
+        entry = {"pending": pending, "work": pending}
+    state.stale[layer] = {**entry, "shape": tuple(local.shape)}
     return out
+
+
+def _stale_gather_raw(state, local, group, entry, fresh):
+    """The other ranks' full-precision K/V: the previous step's, or this step's gathered now
+    (exact) at warm-up and after a change of shape."""
+    if entry is not None:
+        entry["work"].wait()
+    if not fresh:
+        return entry["buffer"]
+    gathered = local.new_empty(dist.get_world_size(group) * local.numel())
+    all_gather_flat(gathered, local.reshape(-1), group)
+    state.stale_bytes += local.numel() * local.element_size()
+    return gathered.view(-1, *local.shape)
+
+
+def _stale_gather_compressed(state, layer, local, group, entry, fresh):
+    """The other ranks' K/V decoded from the previous step's compressed payloads into this
+    layer's persistent buffer (the bases of those sites). At warm-up, after a change of shape,
+    or when a rank's K/V were not finite (a retry marker), this step's K/V are gathered raw
+    instead, which restarts every base exactly."""
+    comp, site = state.compressor, (layer, "kv")
+    buf_key = (layer, "stale", tuple(local.shape), local.dtype)
+    buf = state.kv_buffers.get(buf_key)
+    if buf is None:
+        buf = state.kv_buffers[buf_key] = local.new_empty(
+            (dist.get_world_size(group), *local.shape)
+        )
+    if entry is not None:
+        pending = entry["pending"]
+        if not fresh and finish_compressed_all_gather(comp, pending, buf):
+            return buf
+        pending.wait()  # every rank reaches the same decision: all gather raw below
+    return raw_all_gather(comp, site, local, group, buf)
 
 
 # --------------------------------------------------------------------------------------------
