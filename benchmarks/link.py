@@ -12,8 +12,9 @@ are counted per rate.
 For each link rate the same two rank processes run every method in turn (see ``METHODS``):
 uncompressed patch parallel (``raw`` all-gather), uncompressed ring relay, ``stale``
 (DistriFusion), Ulysses uncompressed and int2, each codec in all-gather mode, int2 in ring
-mode, and int2 and int1 in stale mode (compressed DistriFusion). Per method and rate the CSV row holds the time per denoising step (median, min, max,
-quartiles over the timed steps of one generation, max over the two ranks of each step), the
+mode, and int2 and int1 in stale mode (compressed DistriFusion). Per method and rate the CSV
+row holds the time per denoising step (median, min, max, quartiles over the timed steps of
+one generation, max over the two ranks of each step), the
 payload bytes this rank sent per step (``compactfusion.stats``), the bytes that actually left
 the interface per step (``/sys/class/net/<veth>/statistics/tx_bytes``, TCP/IP headers
 included; namespaces only), and the speed-up against uncompressed all-gather at the same rate.

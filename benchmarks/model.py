@@ -113,13 +113,20 @@ Methods (``L`` layers, ``M`` = this rank's K and V of one layer = ``batch*tokens
 
                    step = C + L * (t_enc + t_ag(P) + (N - 1) * t_dec)
 
+``cf-<codec>-stale``  compactfusion's stale mode (int1 and int2): DistriFusion with the K/V sent
+               as compressed residuals. The codec work stays on the compute stream; the
+               payloads' all-gather overlaps the step (same best case as ``stale``)::
+
+                   step = max(C + L * (t_enc + (N - 1) * t_dec), L * t_ag(P))
+
 ``auto``       ``CompactConfig(codec="int2", policy="auto", link=...)``: each layer is
                compressed when ``compactfusion.policy.compression_times`` says it pays for the
                link hint (``nvlink``/``pcie``/``pcie5`` hints, the effective GB/s for
                Ethernet); then ``cf-int2``'s step, else ``allgather``'s.
 
 Per image: ``warmup`` steps (1) run as ``allgather`` for ``stale`` and every ``cf-*`` method
-(sending raw sets the bases), the other ``steps - warmup`` at the method's step time. Text
+(sending raw sets the bases; the stale ones included), the other ``steps - warmup`` at the
+method's step time. Text
 encoders and the VAE are not counted. ``1gpu`` is ``C1`` per step.
 
     python benchmarks/model.py                       # all workloads, GPUs and links
@@ -152,6 +159,7 @@ DEFAULT_MFU = 0.40
 LAUNCH_US = {"default": 5.0, "lowrank": 40.0}
 ENCODE_PASSES = {"default": 3, "lowrank": 6}  # activation-sized passes of the sender
 CODECS = ("int1", "int2", "fp8", "nm_sparse", "lowrank")
+STALE_CODECS = ("int1", "int2")  # also predicted in stale mode (cf-<codec>-stale)
 AUTO_CODEC = "int2"
 GPU_COUNTS = (2, 4, 8)
 WARMUP_STEPS = 1
@@ -471,6 +479,22 @@ def predict(
     for name in CODECS:
         preds.append(_compressed(w, n, link, c, raw_step, timing, name))
         per_codec[name] = preds[-1]
+    for name in STALE_CODECS:
+        blocking = per_codec[name]
+        step = max(c + blocking.codec_s, blocking.comm_s)
+        preds.append(
+            Prediction(
+                f"cf-{name}-stale",
+                step,
+                raw_step,
+                c,
+                step - c - blocking.codec_s,
+                blocking.codec_s,
+                blocking.bytes_per_step,
+                codec=name,
+                note=blocking.note,
+            )  # fmt: skip
+        )
     # auto: the library's own decision for its link hint.
     codec = _codec(AUTO_CODEC)
     shape = w.kv_matrix_shape(n, AUTO_CODEC)

@@ -77,6 +77,15 @@ def test_hand_computed_two_gpu_case():
     assert p["cf-int2"].step_s == pytest.approx(expect, rel=1e-12)
     assert p["cf-int2"].warmup_step_s == pytest.approx(0.014194304, rel=1e-12)
     assert p["cf-int2"].image_s(10) == pytest.approx(0.014194304 + 9 * expect, rel=1e-12)
+    # int2 in stale mode: the 2 x 0.27 ms of payload transfers hide under the compute, the
+    # codec work does not.
+    assert p["cf-int2-stale"].step_s == pytest.approx(0.010 + 2 * (t_enc + t_dec), rel=1e-12)
+    assert p["cf-int2-stale"].comm_s == pytest.approx(0.0, abs=1e-15)
+    assert p["cf-int2-stale"].bytes_per_step == p["cf-int2"].bytes_per_step
+    # On a link 100x slower the transfers dominate: step = 2 layers x payload / 10 MB/s.
+    crawl = model.Link("crawl", "crawl", 0.01, 0.01, 0.0, 0.01)
+    q = _by_method(model.predict(TOY, 2, crawl, COMPUTE, timing))
+    assert q["cf-int2-stale"].step_s == pytest.approx(2 * payload / 1e7, rel=1e-12)
     # auto at 1 GB/s: 2.1 ms raw vs ~0.27 ms + ~4 us of codec work -> compress.
     assert p["auto"].choice == "int2"
     assert p["auto"].step_s == p["cf-int2"].step_s
@@ -168,7 +177,7 @@ def test_cli_fast_mode(tmp_path):
     methods = {r["method"] for r in rows if r["gpus"] == "2"}
     assert methods == {"allgather", "ring", "ulysses", "stale", "auto"} | {
         f"cf-{c}" for c in model.CODECS
-    }
+    } | {f"cf-{c}-stale" for c in model.STALE_CODECS}
     assert {r["link"] for r in rows if r["gpus"] == "2"} == {"nvlink4", "25gbe"}
     assert all("not measured" in r["compute_source"] for r in rows)
     text = open(paths["md"]).read()
