@@ -167,8 +167,10 @@ def start_compressed_all_gather(
     async_op: bool = False,
 ) -> PendingGather:
     """Encode ``x`` (this rank's block of ``site``; updates its base) and gather every rank's
-    payload, asynchronously with ``async_op``. Every rank must call it, then
-    :func:`finish_compressed_all_gather`, in the same order as its other collectives."""
+    payload, asynchronously with ``async_op``. Every rank must call it, in the same order as
+    its other collectives, and then either :func:`finish_compressed_all_gather` or, to drop
+    the payloads, ``PendingGather.wait`` followed by :func:`raw_all_gather` (which restarts
+    the bases the dropped payloads would have advanced)."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     key = (site, rank)
     nbytes = comp.payload_nbytes(key, tuple(x.shape), x.dtype)

@@ -23,8 +23,9 @@ import torch
 
 # Memory throughput a codec sustains, in GB/s of the bytes above. The CUDA figure is a
 # planning figure, the kernels' design target (80% of an H100's ~3 TB/s copy bandwidth), not a
-# measurement. The CPU figure was measured (``benchmarks/kernels.py --device cpu --torch-only
-# --threads 1``): the torch reference int1/int2, one thread of an AMD EPYC (Zen 5, KVM guest),
+# measurement. The CPU figure is a round number inside what was measured
+# (``benchmarks/kernels.py --device cpu --torch-only --threads 1``, which prints this figure
+# per size): the torch reference int1/int2, one thread of an AMD EPYC (Zen 5, KVM guest),
 # torch 2.13.0+cpu: 1.1-2.1 GB/s at 1024x3072 bf16, 0.5 GB/s at 4608x3072, where fresh pages
 # for the temporaries dominate (1.9-2.2 GB/s once glibc keeps freed memory; see the README).
 # Override with COMPACTFUSION_CODEC_GBPS after measuring your own machine; it must be the

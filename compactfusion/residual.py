@@ -25,10 +25,20 @@ import torch
 
 from .backend import resolve_backend
 from .codecs import NonFiniteInput, PayloadError, decode_header, get_codec
+from .codecs.base import check_fits
 from .config import CompactConfig
 from .policy import worth_compressing
 
 logger = logging.getLogger(__name__)
+
+# Activations and bases beyond this magnitude (or not finite) are sent raw. With both within
+# it, x - base cannot overflow float32; the fused kernels, which cannot raise, rely on that.
+MAX_MAGNITUDE = 2.0**126
+
+
+def _max_abs(t: torch.Tensor) -> torch.Tensor:
+    """``max |t|`` as a 0-d tensor (nan when ``t`` holds nan), in one reduction."""
+    return torch.linalg.vector_norm(t, ord=math.inf).float()
 
 
 @dataclass
@@ -57,7 +67,7 @@ class _Site:
     base: torch.Tensor | None = None
     codec_state: Any = None
     calls: int = 0  # calls since the base was (re)started
-    base_finite: bool = True  # False after a raw send of a non-finite activation
+    base_ok: bool = True  # the base is finite and within +-MAX_MAGNITUDE (see encode)
 
 
 @dataclass
@@ -128,20 +138,20 @@ class ResidualCompressor:
         site = self._site(key, "send", x)
         compress = not force_raw and self.will_compress(key, tuple(x.shape), x.dtype)
         payload = None
-        if compress and site.base_finite and self._finite_for_kernels(x):
+        if compress and site.base_ok:
             try:
                 payload, new_base = self._encode_compressed(site, x)
-            except NonFiniteInput:  # the torch codecs check the residual they quantize
+            except NonFiniteInput:  # x - base or the new base would not be finite
                 pass
         if compress and payload is None:
-            # x - base is not finite: send raw instead of storing NaN/Inf in a base.
+            # Send raw instead of storing NaN/Inf in a base.
             site.stats.nonfinite += 1
             self._warn_once("nonfinite", f"non-finite residual at site {key!r}: sent raw")
         if payload is None:
             payload = self._raw.encode(x)
             site.base = x.detach().clone()
             site.calls += 1
-            site.base_finite = bool(torch.isfinite(x).all())
+            site.base_ok = x.numel() == 0 or bool(_max_abs(x) <= MAX_MAGNITUDE)
             site.stats.raw_sends += 1
         else:
             site.base = new_base
@@ -149,18 +159,11 @@ class ResidualCompressor:
         self._count(site, x, payload)
         return payload
 
-    def _finite_for_kernels(self, x: torch.Tensor) -> bool:
-        """False when ``x`` holds inf or nan and the Triton kernels would encode it (they
-        cannot raise, so the check happens here, at the price of one device synchronisation);
-        True otherwise (the torch codecs raise ``NonFiniteInput`` themselves)."""
-        if resolve_backend(self.config.backend, x.device) != "triton":
-            return True
-        return bool(torch.isfinite(x).all())
-
     def _encode_compressed(self, site: _Site, x: torch.Tensor):
         cfg, codec = self.config, self.codec
         if not cfg.residual:  # naive ablation: compress x itself
             payload, recon = codec.encode_with_reconstruction(x, site.codec_state)
+            check_fits(recon, x.dtype, codec.name)
             return payload, recon.to(x.dtype).reshape(x.shape)
         if site.codec_state is None:
             site.codec_state = codec.new_state()
@@ -175,10 +178,21 @@ class ResidualCompressor:
             from . import kernels
 
             try:
-                return kernels.encode_residual(self.codec, x, base, site.codec_state)
+                payload, new_base = kernels.encode_residual(self.codec, x, base, site.codec_state)
             except kernels.KernelUnsupported as exc:
                 site.stats.kernel_fallbacks += 1
                 self._warn_once(f"kernel:{exc}", f"Triton kernels declined ({exc}); using torch")
+            else:
+                # A kernel cannot raise: check its input and result here, with one device
+                # synchronisation. Both within MAX_MAGNITUDE (nan fails) keeps every later
+                # x - base finite; a scale that overflowed shows as inf or nan in new_base.
+                biggest = torch.maximum(_max_abs(x), _max_abs(new_base))
+                if not bool(biggest <= MAX_MAGNITUDE):
+                    raise NonFiniteInput(
+                        f"{self.codec.name}: input or reconstruction not finite or beyond "
+                        f"{MAX_MAGNITUDE:g}"
+                    )
+                return payload, new_base
         return self.codec.encode_residual(x, base, site.codec_state)
 
     # --- receiver -----------------------------------------------------------------------------

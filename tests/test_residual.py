@@ -142,21 +142,39 @@ def test_nonfinite_input_sent_raw_and_logged_once(caplog):
     assert tx.stats()["nonfinite"] == 3
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("codec", ["int2", "int1", "fp8", "nm_sparse", "lowrank"])
-def test_overflowing_residual_is_sent_raw(codec):
-    # x and the base are finite but x - base overflows float32: the codec refuses it and the
-    # site falls back to a raw send (no exception), bases identical on both sides.
-    cfg = CompactConfig(codec=codec, warmup_steps=1, min_numel=0)
+@pytest.mark.parametrize("case", ["huge_base", "huge_residual"])
+def test_extreme_magnitudes_are_sent_raw(codec, backend, case):
+    # "huge_base": a raw send left a finite base beyond MAX_MAGNITUDE, from which x - base
+    # could overflow float32: the next activation goes raw. "huge_residual": x and the base
+    # are in range but the residual (~2**126) overflows int1/int2's group scales and lowrank's
+    # projections (fp8 and nm_sparse encode it). Either way
+    # the site sends raw (no exception, no inf in a base), bases stay identical on both
+    # sides, and compression resumes with ordinary residuals.
+    from compactfusion.residual import MAX_MAGNITUDE
+
+    cfg = CompactConfig(codec=codec, warmup_steps=1, min_numel=0, backend=backend)
     tx, rx = pair(cfg)
-    big = torch.finfo(torch.bfloat16).max
-    x = torch.full((4, 64), -big, dtype=torch.bfloat16)
-    rx.decode("o", tx.encode("o", x))
-    y = torch.full((4, 64), big, dtype=torch.bfloat16)
+    shape = (64, 256)
+    first = -torch.finfo(torch.bfloat16).max if case == "huge_base" else -MAX_MAGNITUDE / 2
+    rx.decode("o", tx.encode("o", torch.full(shape, first, dtype=torch.bfloat16)))
+    y = torch.full(shape, 1.0 if case == "huge_base" else MAX_MAGNITUDE / 2, dtype=torch.bfloat16)
+    y[::2] *= -0.5
     p = tx.encode("o", y)
     rx.decode("o", p)
-    assert p.numel() == tx.raw_payload_nbytes((4, 64), torch.bfloat16)
-    assert tx.stats()["nonfinite"] == 1
-    assert torch.equal(tx.base("o"), y) and torch.equal(rx.base("o"), y)
+    raw = tx.raw_payload_nbytes(shape, torch.bfloat16)
+    if case == "huge_base" or codec in ("int2", "int1", "lowrank"):  # (lowrank: r @ q overflows)
+        assert p.numel() == raw and tx.stats()["nonfinite"] == 1
+        assert torch.equal(tx.base("o"), y) and torch.equal(rx.base("o"), y)
+    else:
+        assert p.numel() < raw and tx.stats()["nonfinite"] == 0
+    assert torch.equal(tx.base("o"), rx.base("o")) and bool(torch.isfinite(rx.base("o")).all())
+    for _ in range(2):  # ordinary residuals again: compressed
+        p = tx.encode("o", y)
+        rx.decode("o", p)
+        assert p.numel() < raw and torch.equal(tx.base("o"), rx.base("o"))
 
 
 def test_reset_and_independence():

@@ -181,11 +181,15 @@ class Codec(ABC):
 
         ``new_base = (base.float() + decoded residual).to(base.dtype)``, computed with exactly
         the arithmetic ``decode_residual`` uses, so sender and receiver bases are bit-identical.
+        Raises ``NonFiniteInput`` when the residual is not finite or the new base would not
+        be (a sum beyond the dtype's range): the caller then sends ``x`` raw.
         """
         base_float = base.float()
         r = x.to(torch.float32, copy=True).sub_(base_float)  # in place: fewer fresh pages
         payload, recon = self.encode_with_reconstruction(r.reshape(x.shape), state, x.dtype)
-        return payload, add_rounded(base, recon, base_float=base_float)
+        total = base_float.reshape(recon.shape) + recon
+        check_fits(total, base.dtype, self.name)
+        return payload, total.to(base.dtype).reshape(base.shape)
 
     def decode_residual(
         self, payload: torch.Tensor, base: torch.Tensor, out: torch.Tensor | None = None
@@ -247,24 +251,32 @@ class Codec(ABC):
 
 
 def add_rounded(
-    base: torch.Tensor,
-    recon: torch.Tensor,
-    out: torch.Tensor | None = None,
-    base_float: torch.Tensor | None = None,
+    base: torch.Tensor, recon: torch.Tensor, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``(base.float() + recon).to(base.dtype)``, written to ``out`` when given (``out`` may be
-    ``base`` or a strided slice of a buffer); ``base_float`` may hold ``base.float()``.
+    ``base`` or a strided slice of a buffer).
 
     ``recon`` is the float32 ``rows x cols`` matrix of a codec; the sum is formed in float32 and
     rounded once to nearest even, exactly as the fused kernels do. (Every operand is converted
     explicitly: mixed-dtype elementwise ops are several times slower on CPU.)"""
-    if base_float is None:
-        base_float = base.float()
-    total = base_float.reshape(recon.shape) + recon
+    total = base.float().reshape(recon.shape) + recon
+    if out is None or out.dtype != base.dtype:
+        total = total.to(base.dtype)
     if out is None:
-        return total.to(base.dtype).reshape(base.shape)
+        return total.reshape(base.shape)
     out.copy_(total.view(out.shape))
     return out
+
+
+def check_fits(t: torch.Tensor, dtype: torch.dtype, name: str) -> None:
+    """Raise :class:`NonFiniteInput` unless every value of the float32 tensor ``t`` is finite
+    and within ``dtype``'s range (so rounding it to ``dtype`` cannot give inf). One pass."""
+    lo, hi = torch.aminmax(t)
+    limit = torch.finfo(dtype).max
+    if not bool((lo >= -limit) & (hi <= limit)):  # false for nan too
+        raise NonFiniteInput(
+            f"{name}: the reconstruction is not finite in {str(dtype).replace('torch.', '')}"
+        )
 
 
 def encode_header(

@@ -263,7 +263,8 @@ class LowRankCodec(Codec):
 
         ``P`` (``rows x k``) has orthonormal columns and ``P @ Q.T`` approximates ``r``.
         Updates ``state``'s warm start; ``state=None`` starts cold from the seed. Raises
-        ``NonFiniteInput`` (state untouched) when ``r`` holds inf or nan.
+        ``NonFiniteInput`` (state untouched) when ``r`` holds inf or nan, or is so large that
+        ``r @ Q`` overflows.
         """
         if r.dim() != 2 or r.dtype != torch.float32:
             raise ValueError(f"lowrank: factorize needs a 2-D float32 matrix, got {r.dtype}")

@@ -455,10 +455,9 @@ def _stale_attention(state, layer, attention_function, query, key, value, group,
     lossless = state.compressor.codec.lossless
     local = torch.stack([key, value]).contiguous() if lossless else _local_kv(state, key, value)
     entry = state.stale.pop(layer, None)
+    layout = (tuple(local.shape), local.dtype)
     fresh = (
-        entry is None
-        or entry["shape"] != tuple(local.shape)
-        or state.step < max(state.config.warmup_steps, 1)
+        entry is None or entry["layout"] != layout or state.step < max(state.config.warmup_steps, 1)
     )
     if lossless:
         gathered = _stale_gather_raw(state, local, group, entry, fresh)
@@ -478,13 +477,13 @@ def _stale_attention(state, layer, attention_function, query, key, value, group,
             state.compressor, (layer, "kv"), local, group, async_op=True
         )
         entry = {"pending": pending, "work": pending}
-    state.stale[layer] = {**entry, "shape": tuple(local.shape)}
+    state.stale[layer] = {**entry, "layout": layout}
     return out
 
 
 def _stale_gather_raw(state, local, group, entry, fresh):
     """The other ranks' full-precision K/V: the previous step's, or this step's gathered now
-    (exact) at warm-up and after a change of shape."""
+    (exact) at warm-up and after a change of shape or dtype."""
     if entry is not None:
         entry["work"].wait()
     if not fresh:
@@ -497,9 +496,10 @@ def _stale_gather_raw(state, local, group, entry, fresh):
 
 def _stale_gather_compressed(state, layer, local, group, entry, fresh):
     """The other ranks' K/V decoded from the previous step's compressed payloads into this
-    layer's persistent buffer (the bases of those sites). At warm-up, after a change of shape,
-    or when a rank's K/V were not finite (a retry marker), this step's K/V are gathered raw
-    instead, which restarts every base exactly."""
+    layer's persistent buffer (the bases of those sites). At warm-up, after a change of shape
+    or dtype, or when a rank's K/V were not finite (a retry marker), this step's K/V are
+    gathered raw instead, which restarts every base exactly (the previous payloads are then
+    waited for and dropped on every rank alike)."""
     comp, site = state.compressor, (layer, "kv")
     buf_key = (layer, "stale", tuple(local.shape), local.dtype)
     buf = state.kv_buffers.get(buf_key)
