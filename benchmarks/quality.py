@@ -2,14 +2,14 @@
 
 For every codec (int1, int2, fp8, nm_sparse, lowrank) three variants run the same seeded
 generation with compactfusion's compressed all-gather (``mode="allgather"``, ring attention
-over all ranks, 1 raw warm-up step):
+over all ranks, 1 raw warm-up step; ``--mode stale`` runs compressed DistriFusion instead):
 
 * ``naive``        ``residual=False``: the activation itself is compressed every step;
 * ``no_feedback``  ``error_feedback=False``: residual against the sender's exact previous
                    activation, so the receiver's reconstruction drifts (errors accumulate);
 * ``feedback``     the default: residual against the shared reconstruction (error feedback);
 
-plus one uncompressed run (codec ``raw``), the reference.
+plus one uncompressed run (codec ``raw``, same mode), the reference.
 
 Metrics
 -------
@@ -22,6 +22,11 @@ at that step.
 run at the same step and layer: exchange error plus the drift of the whole trajectory. Only
 computed while the uncompressed run's K/V fit in ``--ref-kv-budget-mb`` (always for the tiny
 model).
+
+In stale mode a payload encoded at step t is decoded (and measured) at step t + 1, against
+the K/V of step t: the error is the compression's, the staleness is DistriFusion's and shows in
+the output of the uncompressed stale run as much. That run sends its K/V outside the
+compressor, so it has no K/V rows (``n/a``) and there is no ``vs_ref`` metric.
 
 ``psnr_db``, ``ssim``, ``out_rel_err``: the decoded image of each run against the uncompressed
 parallel run's image (values in [0, 1]; SSIM with an 11x11 Gaussian window, sigma 1.5,
@@ -47,6 +52,7 @@ downloaded; the report says why a metric is missing).
 
     python benchmarks/quality.py                          # tiny FLUX, all codecs, CPU
     python benchmarks/quality.py --smoke --out /tmp/q     # seconds-long check (int2 only)
+    python benchmarks/quality.py --mode stale             # compressed DistriFusion
     python benchmarks/quality.py --model /path/to/FLUX.1-dev --steps 28 --size 1024
 """
 
@@ -417,11 +423,11 @@ def _rank(rank: int, world: int, opts: dict):
     results = []
     for codec, variant in runs:
         if codec == "raw":
-            cfg = cf.CompactConfig.preset("off", mode="allgather")
+            cfg = cf.CompactConfig.preset("off", mode=opts["mode"])
         else:
             cfg = cf.CompactConfig.preset(
                 PRESET_FOR_CODEC[codec],
-                mode="allgather",
+                mode=opts["mode"],
                 warmup_steps=WARMUP_STEPS,
                 **VARIANTS[variant],
             )
@@ -438,7 +444,7 @@ def _rank(rank: int, world: int, opts: dict):
                 st = cf.stats(pipe)
             if i == 0:  # K/V errors from the first prompt
                 step_errs = probe.per_step()
-                if codec == "raw":
+                if codec == "raw" and step_errs:  # (raw stale bypasses the compressor)
                     reference = probe.stored
             ratios.append(st.get("ratio_after_warmup", math.nan))
         results.append(
@@ -476,6 +482,7 @@ def summarize(meta: dict, results: list[dict], with_optional: bool) -> tuple[lis
     for r in results:
         errs = r["step_errs"]
         compressed = errs[WARMUP_STEPS:] if len(errs) > WARMUP_STEPS else errs
+        seen = bool(errs)  # the uncompressed stale run has no K/V through the compressor
         note = []
         extra = {}
         if with_optional:
@@ -487,9 +494,11 @@ def summarize(meta: dict, results: list[dict], with_optional: bool) -> tuple[lis
                 "codec": r["codec"],
                 "variant": r["variant"],
                 "steps": len(errs),
-                "final_kv_rel_err": _f(errs[-1][0]),
-                "mean_kv_rel_err": _f(statistics.fmean(e for e, _ in compressed)),
-                "final_kv_rel_err_vs_ref": _f(errs[-1][1]) if r["vs_ref"] else "n/a",
+                "final_kv_rel_err": _f(errs[-1][0]) if seen else "n/a",
+                "mean_kv_rel_err": _f(statistics.fmean(e for e, _ in compressed))
+                if seen
+                else "n/a",
+                "final_kv_rel_err_vs_ref": _f(errs[-1][1]) if seen and r["vs_ref"] else "n/a",
                 "psnr_db": _f(psnr(r["images"], ref_images), 2),
                 "ssim": f"{ssim(r['images'], ref_images):.6f}",
                 "out_rel_err": _f(float(diff)),
@@ -538,12 +547,14 @@ def markdown(summary: list[dict], opts: dict, wall_s: float) -> str:
     lines = [
         f"## Quality: {meta['workload']}\n",
         f"Measured by `benchmarks/quality.py` on {meta['device']}; torch {meta['torch']}, "
-        f"xfuser {meta['xfuser']}. Ring attention over {opts['world']} ranks, compressed "
-        f"all-gather, {opts['steps']} steps ({WARMUP_STEPS} raw warm-up), {opts['size']} px, "
+        f"xfuser {meta['xfuser']}. Ring attention over {opts['world']} ranks, "
+        + ("compressed all-gather" if opts["mode"] == "allgather" else "stale mode (DistriFusion)")
+        + f", {opts['steps']} steps ({WARMUP_STEPS} raw warm-up), {opts['size']} px, "
         f"{opts['dtype']}, {opts['num_images']} image(s); total run {wall_s:.0f} s. Errors are "
         "relative Frobenius norms over all layers and rank pairs; PSNR/SSIM/rel. error of the "
-        "decoded output against the uncompressed parallel run. No timings: the probe adds a raw "
-        "all-gather per layer (speed is measured by benchmarks/link.py and model.py).\n",
+        "decoded output against the uncompressed parallel run in the same mode. No timings: "
+        "the probe adds a raw all-gather per layer (speed is measured by benchmarks/link.py "
+        "and model.py).\n",
         "| codec | variant | final K/V err | mean K/V err | final K/V err vs uncompressed run "
         "| PSNR dB | SSIM | output rel. err | wire ratio | FID | LPIPS |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -638,6 +649,9 @@ def _parse_args(argv=None):
     p.add_argument("--num-images", type=int, default=1, help="prompts/seeds per configuration")
     p.add_argument("--frames", type=int, default=49, help="CogVideoX frames (--model)")
     p.add_argument("--world", type=int, default=2, help="ranks (ring degree)")
+    p.add_argument(
+        "--mode", choices=("allgather", "stale"), default="allgather", help="ring-attention mode"
+    )
     p.add_argument("--ref-kv-budget-mb", type=int, default=2048)
     p.add_argument("--timeout", type=float, default=1800.0)
     p.add_argument(
@@ -673,6 +687,7 @@ def main(argv=None) -> dict[str, str]:
         "num_images": args.num_images,
         "frames": args.frames,
         "world": args.world,
+        "mode": args.mode,
         "ref_kv_budget_mb": args.ref_kv_budget_mb,
     }
     if args.model is None and torch.cuda.is_available():
@@ -693,6 +708,8 @@ def main(argv=None) -> dict[str, str]:
     tag = "tiny_flux" if args.model is None else _slug(meta["workload"])
     if args.dtype != "bfloat16":
         tag += f"_{args.dtype}"
+    if args.mode != "allgather":
+        tag += f"_{args.mode}"
     paths = {
         "csv": os.path.join(args.out, f"quality_{tag}.csv"),
         "steps_csv": os.path.join(args.out, f"quality_{tag}_steps.csv"),
