@@ -309,6 +309,12 @@ def _four_rank_checks(rank, world, device):
         with cf.patched(pipe, CompactConfig(codec="int2", min_numel=0, mode="ring")):
             lossy = generate(pipe, kind, steps=3)
         res[f"{kind} {degrees}"] = (rel(raw, plain), rel(lossy, plain))
+        if degrees.get("cfg"):  # compressed stale mode on a ring subgroup
+            with cf.patched(pipe, CompactConfig(codec="raw", mode="stale")):
+                stale = generate(pipe, kind, steps=3)
+            with cf.patched(pipe, CompactConfig(codec="int2", min_numel=0, mode="stale")):
+                stale_int2 = generate(pipe, kind, steps=3)
+            res["stale"] = (rel(stale, plain), rel(stale_int2, stale))
     return res
 
 
@@ -317,6 +323,8 @@ def test_four_ranks_ring_x_ulysses_and_cfg():
     backend, device = backend_for(4)
     results = spawn_ranks(_four_rank_checks, 4, device, backend=backend, timeout=480)
     for res in results:
+        stale_err, stale_int2_err = res.pop("stale")
+        assert 0 < stale_err < 0.05 and 0 < stale_int2_err < LOSSY["int2"], res
         for kind, (raw_err, lossy_err) in res.items():
             assert raw_err < EXACT, (kind, raw_err)
             assert 0 < lossy_err < LOSSY["int2"], (kind, lossy_err)
