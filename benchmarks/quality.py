@@ -26,7 +26,9 @@ model).
 In stale mode a payload encoded at step t is decoded (and measured) at step t + 1, against
 the K/V of step t: the error is the compression's, the staleness is DistriFusion's and shows in
 the output of the uncompressed stale run as much. That run sends its K/V outside the
-compressor, so it has no K/V rows (``n/a``) and there is no ``vs_ref`` metric.
+compressor, so it has no K/V rows (``n/a``) and there is no ``vs_ref`` metric. (Its first
+compressed payload, sent right after the warm-up's raw gather, carries a zero residual: step 1
+shows no error for the residual variants, which lowers their mean a little.)
 
 ``psnr_db``, ``ssim``, ``out_rel_err``: the decoded image of each run against the uncompressed
 parallel run's image (values in [0, 1]; SSIM with an 11x11 Gaussian window, sigma 1.5,

@@ -9,8 +9,9 @@ it stays exact.
 Payload sizes are agreed without communication: all ranks are at the same call of the same
 site with the same shapes, so ``ResidualCompressor.payload_nbytes`` gives the same answer
 everywhere (``check_consistent`` verifies the configs once). The one exception is a rank whose
-input is not finite: it sends a small *retry marker* instead of a payload, and then every rank
-repeats the collective with raw payloads, which also restarts all bases of that site exactly.
+input (or its residual or reconstruction) is not finite or out of range: it sends a small
+*retry marker* instead of a payload, and then every rank repeats the collective with raw
+payloads, which also restarts all bases of that site exactly.
 
 The all-gather also comes in two halves, ``start_compressed_all_gather`` (encode and launch,
 optionally asynchronous) and ``finish_compressed_all_gather`` (wait and decode), for callers

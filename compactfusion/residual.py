@@ -53,7 +53,7 @@ class SiteStats:
     payload_bytes: int = 0
     raw_sends: int = 0  # warm-up, shape change, too small, policy or non-finite
     kernel_fallbacks: int = 0  # the Triton kernels declined the input; torch path used
-    nonfinite: int = 0
+    nonfinite: int = 0  # sent raw: x, x - base or its reconstruction not finite or too large
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -146,12 +146,14 @@ class ResidualCompressor:
         if compress and payload is None:
             # Send raw instead of storing NaN/Inf in a base.
             site.stats.nonfinite += 1
-            self._warn_once("nonfinite", f"non-finite residual at site {key!r}: sent raw")
+            self._warn_once(
+                "nonfinite", f"non-finite (or out-of-range) residual at site {key!r}: sent raw"
+            )
         if payload is None:
             payload = self._raw.encode(x)
             site.base = x.detach().clone()
             site.calls += 1
-            site.base_ok = x.numel() == 0 or bool(_max_abs(x) <= MAX_MAGNITUDE)
+            site.base_ok = bool(_max_abs(x) <= MAX_MAGNITUDE)
             site.stats.raw_sends += 1
         else:
             site.base = new_base

@@ -105,8 +105,9 @@ def encode_residual(
     ``codec.encode_residual(x, base, state)``.
 
     ``out`` (optional) receives the new base and may be ``base`` itself (in-place update);
-    by default a new contiguous tensor is returned. Inputs must be finite (the residual state
-    checks): a kernel cannot raise, so non-finite residuals give undefined payloads.
+    by default a new contiguous tensor is returned. Inputs must be finite and within +-2**126
+    (the residual state checks ``x`` and the new base after the call): a kernel cannot raise,
+    so non-finite residuals give undefined payloads.
     """
     if isinstance(codec, LowRankCodec):
         return lowrank.encode_residual_lowrank(codec, x, base, state, out=out)

@@ -177,6 +177,50 @@ def test_extreme_magnitudes_are_sent_raw(codec, backend, case):
         assert p.numel() < raw and torch.equal(tx.base("o"), rx.base("o"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_check_fits_matches_rounding(dtype):
+    # The sender refuses a reconstruction exactly when rounding it to the activation dtype
+    # gives inf: float32 sums just above the largest value that round back to it pass.
+    from compactfusion.codecs import NonFiniteInput
+    from compactfusion.codecs.base import check_fits, rounding_limit
+
+    big = torch.finfo(dtype).max
+    limit = rounding_limit(dtype)
+    values = [big, -big, 0.0, float("inf"), float("nan")]
+    if dtype != torch.float32:
+        values += [limit, -limit, (big + limit) / 2, torch.nextafter(
+            torch.tensor(limit, dtype=torch.float32), torch.tensor(0.0)).item()]  # fmt: skip
+    for v in values:
+        t = torch.tensor([1.0, v], dtype=torch.float32)
+        finite = bool(torch.isfinite(t.to(dtype)).all())
+        if finite:
+            check_fits(t, dtype, "test")
+        else:
+            with pytest.raises(NonFiniteInput):
+                check_fits(t, dtype, "test")
+    assert limit > big
+
+
+def test_naive_ablation_refuses_an_overflowing_reconstruction():
+    # residual=False compresses x itself: int2's outer level 3d overshoots values near the
+    # largest bf16, so the site sends raw instead of storing inf.
+    cfg = CompactConfig(codec="int2", warmup_steps=1, min_numel=0, residual=False)
+    tx, rx = pair(cfg)
+    x = torch.full((8, 256), torch.finfo(torch.bfloat16).max / 2, dtype=torch.bfloat16)
+    for _ in range(2):
+        rx.decode("n", tx.encode("n", x))
+    assert tx.stats()["nonfinite"] == 1 and torch.equal(rx.base("n"), x)
+
+
+def test_decode_out_must_match_the_base():
+    cfg = CompactConfig(codec="int2", warmup_steps=1, min_numel=0)
+    tx, rx = pair(cfg)
+    x = torch.randn(8, 256)
+    rx.decode("d", tx.encode("d", x))
+    with pytest.raises(ValueError, match="out must hold"):
+        rx.decode("d", tx.encode("d", x * 1.1), out=torch.empty(8, 256, dtype=torch.float64))
+
+
 def test_reset_and_independence():
     cfg = CompactConfig(codec="int2", warmup_steps=1, min_numel=0)
     a, b = ResidualCompressor(cfg), ResidualCompressor(cfg)

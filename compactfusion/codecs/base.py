@@ -259,21 +259,33 @@ def add_rounded(
     ``recon`` is the float32 ``rows x cols`` matrix of a codec; the sum is formed in float32 and
     rounded once to nearest even, exactly as the fused kernels do. (Every operand is converted
     explicitly: mixed-dtype elementwise ops are several times slower on CPU.)"""
+    if out is not None and (out.dtype != base.dtype or out.numel() != base.numel()):
+        raise ValueError(
+            f"out must hold {base.numel()} elements of {base.dtype} (it becomes the base), got "
+            f"{out.numel()} of {out.dtype}"
+        )
     total = base.float().reshape(recon.shape) + recon
-    if out is None or out.dtype != base.dtype:
-        total = total.to(base.dtype)
     if out is None:
-        return total.reshape(base.shape)
+        return total.to(base.dtype).reshape(base.shape)
     out.copy_(total.view(out.shape))
     return out
 
 
+def rounding_limit(dtype: torch.dtype) -> float:
+    """The smallest magnitude that rounds to inf in ``dtype`` (max + half an ulp; inf for
+    float32, whose values are the float32 sums themselves)."""
+    if dtype == torch.float32:
+        return math.inf
+    fi = torch.finfo(dtype)
+    return fi.max + 2.0 ** math.floor(math.log2(fi.max)) * fi.eps / 2
+
+
 def check_fits(t: torch.Tensor, dtype: torch.dtype, name: str) -> None:
-    """Raise :class:`NonFiniteInput` unless every value of the float32 tensor ``t`` is finite
-    and within ``dtype``'s range (so rounding it to ``dtype`` cannot give inf). One pass."""
+    """Raise :class:`NonFiniteInput` unless every value of the float32 tensor ``t`` stays
+    finite when rounded to ``dtype`` (nan fails too). One reduction pass."""
     lo, hi = torch.aminmax(t)
-    limit = torch.finfo(dtype).max
-    if not bool((lo >= -limit) & (hi <= limit)):  # false for nan too
+    limit = rounding_limit(dtype)
+    if not bool((lo > -limit) & (hi < limit)):
         raise NonFiniteInput(
             f"{name}: the reconstruction is not finite in {str(dtype).replace('torch.', '')}"
         )
