@@ -196,25 +196,9 @@ def run(args) -> str:
             }
             times = _time_case(bench, kernels, codec, x, base, payload, out)
             for (op, impl), (med, p20, p80) in times.items():
-                gbps = nbytes[op] / (med * 1e-6) / 1e9
-                row = {
-                    "codec": name,
-                    "size": label,
-                    "rows": rows,
-                    "cols": cols,
-                    "dtype": args.dtype,
-                    "op": op,
-                    "impl": impl,
-                    "median_us": f"{med:.2f}",
-                    "p20_us": f"{p20:.2f}",
-                    "p80_us": f"{p80:.2f}",
-                    "min_bytes": nbytes[op],
-                    "gbps": f"{gbps:.4g}",
-                    "pct_copy_bw": f"{100 * gbps / copy_gbps:.4g}",
-                    "speedup_vs_torch": f"{times[(op, 'torch')][0] / med:.4g}",
-                    "copy_gbps": f"{copy_gbps:.1f}",
-                    **stamp,
-                }
+                row = _row(name, label, rows, cols, args.dtype, op, impl, (med, p20, p80),
+                           nbytes[op], copy_gbps, times[(op, "torch")][0] / med, stamp)  # fmt: skip
+                gbps = float(row["gbps"])
                 rows_out.append(row)
                 print(
                     f"{name:9s} {label:28s} {op} {impl:6s} {med:10.1f} us "
@@ -222,14 +206,44 @@ def run(args) -> str:
                     f"x{row['speedup_vs_torch']} vs torch"
                 )
 
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "kernels.csv")
+    path = _write_csv(rows_out, args.out, "kernels.csv")
+    plot(path, os.path.join(args.out, "kernels.png"))
+    return path
+
+
+def _row(codec, size, rows, cols, dtype, op, impl, quantiles, min_bytes, copy_gbps, speedup,
+         stamp) -> dict:  # fmt: skip
+    """One CSV row (``quantiles``: median, p20, p80 in microseconds)."""
+    med, p20, p80 = quantiles
+    gbps = min_bytes / (med * 1e-6) / 1e9
+    return {
+        "codec": codec,
+        "size": size,
+        "rows": rows,
+        "cols": cols,
+        "dtype": dtype,
+        "op": op,
+        "impl": impl,
+        "median_us": f"{med:.2f}",
+        "p20_us": f"{p20:.2f}",
+        "p80_us": f"{p80:.2f}",
+        "min_bytes": min_bytes,
+        "gbps": f"{gbps:.4g}",
+        "pct_copy_bw": f"{100 * gbps / copy_gbps:.4g}",
+        "speedup_vs_torch": f"{speedup:.4g}",
+        "copy_gbps": f"{copy_gbps:.1f}",
+        **stamp,
+    }
+
+
+def _write_csv(rows: list[dict], out_dir: str, name: str) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, name)
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
         w.writeheader()
-        w.writerows(rows_out)
+        w.writerows(rows)
     print(f"wrote {path}")
-    plot(path, os.path.join(args.out, "kernels.png"))
     return path
 
 
@@ -272,27 +286,10 @@ def run_torch_only(args) -> str:
                 ),
             }
             for op, (med, p20, p80) in times.items():
-                gbps = nbytes[op] / (med * 1e-6) / 1e9
-                rows_out.append(
-                    {
-                        "codec": name,
-                        "size": label,
-                        "rows": rows,
-                        "cols": cols,
-                        "dtype": args.dtype,
-                        "op": op,
-                        "impl": "torch",
-                        "median_us": f"{med:.2f}",
-                        "p20_us": f"{p20:.2f}",
-                        "p80_us": f"{p80:.2f}",
-                        "min_bytes": nbytes[op],
-                        "gbps": f"{gbps:.4g}",
-                        "pct_copy_bw": f"{100 * gbps / copy_gbps:.4g}",
-                        "speedup_vs_torch": "1",
-                        "copy_gbps": f"{copy_gbps:.1f}",
-                        **stamp,
-                    }
-                )
+                row = _row(name, label, rows, cols, args.dtype, op, "torch", (med, p20, p80),
+                           nbytes[op], copy_gbps, 1.0, stamp)  # fmt: skip
+                gbps = float(row["gbps"])
+                rows_out.append(row)
                 print(
                     f"{name:9s} {label:28s} {op} torch {med:10.1f} us [{p20:.1f}, {p80:.1f}] "
                     f"{gbps:8.2f} GB/s"
@@ -304,14 +301,7 @@ def run_torch_only(args) -> str:
                 policy[name] = (rows * cols, label, gbps)
     for name, (_, label, gbps) in policy.items():
         print(f"policy figure {name}: {gbps:.2f} GB/s (encode + decode, largest size {label})")
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "kernels_torch.csv")
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        w.writerows(rows_out)
-    print(f"wrote {path}")
-    return path
+    return _write_csv(rows_out, args.out, "kernels_torch.csv")
 
 
 def plot(csv_path: str, png_path: str) -> None:

@@ -39,6 +39,33 @@ def qkv(rank, step):
     return q + drift(), k + drift(), v + drift()
 
 
+def _exact(q, k, v, world, joint):
+    """Attention over every rank's exact K/V (the uncompressed reference)."""
+    ks = [torch.empty_like(k) for _ in range(world)]
+    vs = [torch.empty_like(v) for _ in range(world)]
+    dist.all_gather(ks, k.contiguous())
+    dist.all_gather(vs, v.contiguous())
+    out, _ = attention(q, torch.cat(ks, 2), torch.cat(vs, 2), joint_attn_kwargs=joint)
+    return out
+
+
+def _errors(fn, cfg, rank, world, joint, kw, poison_step=None):
+    """Relative error per step of strategy ``fn`` over 4 steps (rank 1's K gets an inf at
+    ``poison_step``)."""
+    state = XDiTState(config=cfg, compressor=ResidualCompressor(cfg), original_class=object)
+    errs = []
+    for step in range(4):
+        q, k, v = qkv(rank, step)
+        if step == poison_step and rank == 1:
+            k[0, 0, 0, 0] = float("inf")
+        exact = _exact(q, k, v, world, joint)
+        state.begin_step()
+        out = fn(state, "layer0", attention, q, k, v, None, dict(kw))
+        state.end_step()
+        errs.append(float((out - exact).norm() / exact.norm()))
+    return errs, state
+
+
 def _rank(rank, world):
     joint = {"joint_key": torch.randn(B, H, 4, D, generator=torch.Generator().manual_seed(9)),
              "joint_value": torch.randn(B, H, 4, D, generator=torch.Generator().manual_seed(8)),
@@ -53,22 +80,8 @@ def _rank(rank, world):
         ("stale", _stale_attention, "raw"),
         ("stale-int2", _stale_attention, "int2"),
     ):
-        mode = name.split("-")[0]
-        cfg = CompactConfig(codec=codec, mode=mode, min_numel=0)
-        state = XDiTState(config=cfg, compressor=ResidualCompressor(cfg), original_class=object)
-        errs = []
-        for step in range(4):
-            q, k, v = qkv(rank, step)
-            ks = [torch.empty_like(k) for _ in range(world)]
-            vs = [torch.empty_like(v) for _ in range(world)]
-            dist.all_gather(ks, k.contiguous())
-            dist.all_gather(vs, v.contiguous())
-            exact, _ = attention(q, torch.cat(ks, 2), torch.cat(vs, 2), joint_attn_kwargs=joint)
-            state.begin_step()
-            out = fn(state, "layer0", attention, q, k, v, None, dict(kw))
-            state.end_step()
-            errs.append(float((out - exact).norm() / exact.norm()))
-        results[name] = errs
+        cfg = CompactConfig(codec=codec, mode=name.split("-")[0], min_numel=0)
+        results[name], _ = _errors(fn, cfg, rank, world, joint, kw)
     # Non-finite K on rank 1 at the second step: every rank redoes the layer raw.
     for name, fn in (("allgather", _allgather_attention), ("ring", _ring_relay_attention)):
         cfg = CompactConfig(codec="int2", mode=name, min_numel=0)
@@ -78,32 +91,14 @@ def _rank(rank, world):
             if step == 1 and rank == 1:
                 k[0, 0, 0, 0] = float("inf")
             out = fn(state, "layer0", attention, q, k, v, None, dict(kw))
-        ks = [torch.empty_like(k) for _ in range(world)]
-        vs = [torch.empty_like(v) for _ in range(world)]
-        dist.all_gather(ks, k.contiguous())
-        dist.all_gather(vs, v.contiguous())
-        exact, _ = attention(q, torch.cat(ks, 2), torch.cat(vs, 2), joint_attn_kwargs=joint)
+        exact = _exact(q, k, v, world, joint)
         results[f"retry-{name}"] = bool(torch.allclose(out, exact, atol=1e-5, equal_nan=True))
         results[f"retry-{name}-nonfinite"] = state.compressor.stats()["nonfinite"]
     # Compressed stale: rank 1's K at step 1 is not finite. Its payload (a retry marker) is
     # decoded at step 2, where every rank gathers step 2's K/V raw instead: exact there, and
     # compressed again (close, not exact) at step 3.
     cfg = CompactConfig(codec="int2", mode="stale", min_numel=0)
-    state = XDiTState(config=cfg, compressor=ResidualCompressor(cfg), original_class=object)
-    errs = []
-    for step in range(4):
-        q, k, v = qkv(rank, step)
-        if step == 1 and rank == 1:
-            k[0, 0, 0, 0] = float("inf")
-        ks = [torch.empty_like(k) for _ in range(world)]
-        vs = [torch.empty_like(v) for _ in range(world)]
-        dist.all_gather(ks, k.contiguous())
-        dist.all_gather(vs, v.contiguous())
-        exact, _ = attention(q, torch.cat(ks, 2), torch.cat(vs, 2), joint_attn_kwargs=joint)
-        state.begin_step()
-        out = _stale_attention(state, "layer0", attention, q, k, v, None, dict(kw))
-        state.end_step()
-        errs.append(float((out - exact).norm() / exact.norm()))
+    errs, state = _errors(_stale_attention, cfg, rank, world, joint, kw, poison_step=1)
     results["retry-stale"] = errs
     results["retry-stale-nonfinite"] = state.compressor.stats()["nonfinite"]
     return results
