@@ -14,7 +14,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .base import Codec, NonFiniteInput, align_up
+from .base import Codec, align_up, check_finite
 
 # Scales of groups (or rows) whose largest magnitude is below this are zero: the residual is
 # numerically nothing, and it keeps every power of two used below inside the normal range.
@@ -24,14 +24,6 @@ TINY_EXP = -100  # m < 2**-100  <=>  floor(log2 m) < -100 (for any float32 m >= 
 
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def check_finite(t: torch.Tensor, name: str) -> None:
-    """Raise :class:`NonFiniteInput` unless every element of ``t`` is finite. Codecs pass a
-    reduction that propagates inf and nan (a max of magnitudes) when they have one: checking
-    it costs nothing next to a pass over the residual."""
-    if not bool(torch.isfinite(t).all()):
-        raise NonFiniteInput(f"{name} cannot encode non-finite values (inf or nan)")
 
 
 def exponent(m: torch.Tensor) -> torch.Tensor:

@@ -280,6 +280,14 @@ def rounding_limit(dtype: torch.dtype) -> float:
     return fi.max + 2.0 ** math.floor(math.log2(fi.max)) * fi.eps / 2
 
 
+def check_finite(t: torch.Tensor, name: str) -> None:
+    """Raise :class:`NonFiniteInput` unless every element of ``t`` is finite. Codecs pass a
+    reduction that propagates inf and nan (a max of magnitudes) when they have one: checking
+    it costs nothing next to a pass over the residual."""
+    if not bool(torch.isfinite(t).all()):
+        raise NonFiniteInput(f"{name} cannot encode non-finite values (inf or nan)")
+
+
 def check_fits(t: torch.Tensor, dtype: torch.dtype, name: str) -> None:
     """Raise :class:`NonFiniteInput` unless every value of the float32 tensor ``t`` stays
     finite when rounded to ``dtype`` (nan fails too). One reduction pass."""

@@ -6,8 +6,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ._grouped import TINY, bf16_bits, check_finite, join_sections, split_sections
-from .base import Codec, align_up
+from ._grouped import TINY, bf16_bits, join_sections, split_sections
+from .base import Codec, align_up, check_finite
 from .registry import register_codec
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn

@@ -67,8 +67,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ._grouped import check_finite
-from .base import Codec, align_up
+from .base import Codec, align_up, check_finite
 from .registry import register_codec
 
 FACTOR_DTYPES: dict[str, int] = {"bf16": 0, "int8": 1}

@@ -7,8 +7,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ._grouped import ceil_div, check_finite, join_sections, pack_bits, split_sections, unpack_bits
-from .base import Codec, PayloadError, align_up
+from ._grouped import ceil_div, join_sections, pack_bits, split_sections, unpack_bits
+from .base import Codec, PayloadError, align_up, check_finite
 from .registry import register_codec
 
 
