@@ -178,7 +178,7 @@ def start_compressed_all_gather(
     payload, _ = _encode_fixed(comp, key, x, nbytes)
     gathered = torch.empty(world * nbytes, dtype=torch.uint8, device=x.device)
     work = all_gather_flat(gathered, payload, group, async_op=async_op)
-    return PendingGather(site, rank, gathered.view(world, nbytes), work if async_op else None)
+    return PendingGather(site, rank, gathered.view(world, nbytes), work)
 
 
 def finish_compressed_all_gather(

@@ -49,6 +49,7 @@ from ..collectives import (
     compressed_all_gather,
     compressed_all_to_all,
     finish_compressed_all_gather,
+    gather_buffer,
     host_headers,
     is_retry_marker,
     raw_all_gather,
@@ -467,18 +468,25 @@ def _stale_attention(state, layer, attention_function, query, key, value, group,
         blocks = _decoded_blocks(state, gathered, key, value, rank)
     out = _attend_gathered(attention_function, query, blocks, kw)
     # Start gathering this step's K/V for the next step; it overlaps the rest of this step.
+    # ``work`` (a torch work handle or a PendingGather) is waited for before any reuse.
     if lossless:
-        nxt = local.new_empty(dist.get_world_size(group) * local.numel())
-        work = all_gather_flat(nxt, local.reshape(-1), group, async_op=True)
-        state.stale_bytes += local.numel() * local.element_size()
-        entry = {"buffer": nxt.view(-1, *local.shape), "work": work}
+        buffer, work = _gather_full(state, local, group, async_op=True)
+        state.stale[layer] = {"buffer": buffer, "work": work, "layout": layout}
     else:
-        pending = start_compressed_all_gather(
+        work = start_compressed_all_gather(
             state.compressor, (layer, "kv"), local, group, async_op=True
         )
-        entry = {"pending": pending, "work": pending}
-    state.stale[layer] = {**entry, "layout": layout}
+        state.stale[layer] = {"work": work, "layout": layout}
     return out
+
+
+def _gather_full(state, local, group, async_op=False):
+    """All-gather the full-precision local K/V (counted as stale bytes): ``(buffer, work)``
+    with ``buffer`` shaped ``(world, *local.shape)``."""
+    buffer = local.new_empty(dist.get_world_size(group) * local.numel())
+    work = all_gather_flat(buffer, local.reshape(-1), group, async_op=async_op)
+    state.stale_bytes += local.numel() * local.element_size()
+    return buffer.view(-1, *local.shape), work
 
 
 def _stale_gather_raw(state, local, group, entry, fresh):
@@ -488,10 +496,7 @@ def _stale_gather_raw(state, local, group, entry, fresh):
         entry["work"].wait()
     if not fresh:
         return entry["buffer"]
-    gathered = local.new_empty(dist.get_world_size(group) * local.numel())
-    all_gather_flat(gathered, local.reshape(-1), group)
-    state.stale_bytes += local.numel() * local.element_size()
-    return gathered.view(-1, *local.shape)
+    return _gather_full(state, local, group)[0]
 
 
 def _stale_gather_compressed(state, layer, local, group, entry, fresh):
@@ -502,13 +507,10 @@ def _stale_gather_compressed(state, layer, local, group, entry, fresh):
     waited for and dropped on every rank alike)."""
     comp, site = state.compressor, (layer, "kv")
     buf_key = (layer, "stale", tuple(local.shape), local.dtype)
-    buf = state.kv_buffers.get(buf_key)
-    if buf is None:
-        buf = state.kv_buffers[buf_key] = local.new_empty(
-            (dist.get_world_size(group), *local.shape)
-        )
+    buf = gather_buffer(local, dist.get_world_size(group), state.kv_buffers.get(buf_key))
+    state.kv_buffers[buf_key] = buf
     if entry is not None:
-        pending = entry["pending"]
+        pending = entry["work"]
         if not fresh and finish_compressed_all_gather(comp, pending, buf):
             return buf
         pending.wait()  # every rank reaches the same decision: all gather raw below
