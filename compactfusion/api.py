@@ -8,8 +8,7 @@ from typing import Any
 
 from .config import CompactConfig
 from .integrations import find_adapter
-
-STATE_ATTR = "_compactfusion_state"
+from .integrations.state import STATE_ATTR
 
 
 def _as_config(config: CompactConfig | str | None) -> CompactConfig:

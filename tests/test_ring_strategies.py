@@ -8,12 +8,13 @@ import torch
 import torch.distributed as dist
 
 from compactfusion import CompactConfig, ResidualCompressor
-from compactfusion.integrations.xdit import (
-    XDiTState,
-    _allgather_attention,
-    _ring_relay_attention,
-    _stale_attention,
+from compactfusion.integrations.state import PipelineState
+from compactfusion.integrations.strategies import (
+    allgather_attention,
+    ring_relay_attention,
+    stale_attention,
 )
+from compactfusion.integrations.xdit import xfuser_attend_fn
 from compactfusion.testing import spawn_ranks
 
 B, H, S, D = 1, 2, 16, 32  # per rank
@@ -52,7 +53,7 @@ def _exact(q, k, v, world, joint):
 def _errors(fn, cfg, rank, world, joint, kw, poison_step=None):
     """Relative error per step of strategy ``fn`` over 4 steps (rank 1's K gets an inf at
     ``poison_step``)."""
-    state = XDiTState(config=cfg, compressor=ResidualCompressor(cfg), original_class=object)
+    state = PipelineState(config=cfg, compressor=ResidualCompressor(cfg))
     errs = []
     for step in range(4):
         q, k, v = qkv(rank, step)
@@ -60,7 +61,7 @@ def _errors(fn, cfg, rank, world, joint, kw, poison_step=None):
             k[0, 0, 0, 0] = float("inf")
         exact = _exact(q, k, v, world, joint)
         state.begin_step()
-        out = fn(state, "layer0", attention, q, k, v, None, dict(kw))
+        out = fn(state, "layer0", xfuser_attend_fn(attention, **kw), q, k, v, None)
         state.end_step()
         errs.append(float((out - exact).norm() / exact.norm()))
     return errs, state
@@ -73,24 +74,24 @@ def _rank(rank, world):
     kw = dict(dropout_p=0.0, is_causal=False, joint_attn_kwargs=joint, attention_kwargs=None)
     results = {}
     for name, fn, codec in (
-        ("allgather-raw", _allgather_attention, "raw"),
-        ("ring-raw", _ring_relay_attention, "raw"),
-        ("allgather-int2", _allgather_attention, "int2"),
-        ("ring-int2", _ring_relay_attention, "int2"),
-        ("stale", _stale_attention, "raw"),
-        ("stale-int2", _stale_attention, "int2"),
+        ("allgather-raw", allgather_attention, "raw"),
+        ("ring-raw", ring_relay_attention, "raw"),
+        ("allgather-int2", allgather_attention, "int2"),
+        ("ring-int2", ring_relay_attention, "int2"),
+        ("stale", stale_attention, "raw"),
+        ("stale-int2", stale_attention, "int2"),
     ):
         cfg = CompactConfig(codec=codec, mode=name.split("-")[0], min_numel=0)
         results[name], _ = _errors(fn, cfg, rank, world, joint, kw)
     # Non-finite K on rank 1 at the second step: every rank redoes the layer raw.
-    for name, fn in (("allgather", _allgather_attention), ("ring", _ring_relay_attention)):
+    for name, fn in (("allgather", allgather_attention), ("ring", ring_relay_attention)):
         cfg = CompactConfig(codec="int2", mode=name, min_numel=0)
-        state = XDiTState(config=cfg, compressor=ResidualCompressor(cfg), original_class=object)
+        state = PipelineState(config=cfg, compressor=ResidualCompressor(cfg))
         for step in range(2):
             q, k, v = qkv(rank, step)
             if step == 1 and rank == 1:
                 k[0, 0, 0, 0] = float("inf")
-            out = fn(state, "layer0", attention, q, k, v, None, dict(kw))
+            out = fn(state, "layer0", xfuser_attend_fn(attention, **kw), q, k, v, None)
         exact = _exact(q, k, v, world, joint)
         results[f"retry-{name}"] = bool(torch.allclose(out, exact, atol=1e-5, equal_nan=True))
         results[f"retry-{name}-nonfinite"] = state.compressor.stats()["nonfinite"]
@@ -98,7 +99,7 @@ def _rank(rank, world):
     # decoded at step 2, where every rank gathers step 2's K/V raw instead: exact there, and
     # compressed again (close, not exact) at step 3.
     cfg = CompactConfig(codec="int2", mode="stale", min_numel=0)
-    errs, state = _errors(_stale_attention, cfg, rank, world, joint, kw, poison_step=1)
+    errs, state = _errors(stale_attention, cfg, rank, world, joint, kw, poison_step=1)
     results["retry-stale"] = errs
     results["retry-stale-nonfinite"] = state.compressor.stats()["nonfinite"]
     return results
