@@ -38,6 +38,7 @@ class PipelineState:
     ulysses_world: int = 1
     # Per-generation state.
     step: int = 0  # transformer calls in this generation
+    branch: str | None = None  # diffusers cache_context name ("cond"/"uncond") while entered
     a2a_index: dict[str, int] = field(default_factory=dict)  # exchanges so far in each layer
     kv_buffers: dict[Hashable, torch.Tensor] = field(default_factory=dict)
     stale: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -58,6 +59,7 @@ class PipelineState:
         self.compressor.reset_stats()  # stats(pipe) describes the latest generation
         self.stale_bytes = 0
         self.step = 0
+        self.branch = None
         self.a2a_index.clear()
         self.kv_buffers.clear()
         for entry in self.stale.values():

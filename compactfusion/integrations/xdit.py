@@ -164,7 +164,7 @@ def _patched_ring_attn(
         joint_attn_kwargs=joint_attn_kwargs,
         attention_kwargs=attention_kwargs,
     )
-    layer = tracking.current_layer()
+    layer = tracking.current_layer(state)
     return kv_attention(state, layer, attend_fn, query, key, value, usp.PROCESS_GROUP.RING_PG)
 
 
@@ -184,7 +184,7 @@ def _patched_all_to_all_single(x):
     if state is None or not state.config.compress_ulysses:
         return _Swap.originals["_sdpa_all_to_all_single"](x)
     _, usp, _ = _xfuser_modules()
-    return ulysses_all_to_all(state, tracking.current_layer(), x, usp.PROCESS_GROUP.ULYSSES_PG)
+    return ulysses_all_to_all(state, tracking.current_layer(state), x, usp.PROCESS_GROUP.ULYSSES_PG)
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,6 +215,7 @@ def patch_xdit(pipe: Any, config: CompactConfig) -> PipelineState:
     )
     tracking.install_layer_hooks(state, modules)
     tracking.install_step_hooks(state, pipe.module.transformer)
+    tracking.install_branch_tracking(state, pipe.module.transformer)
     _Swap.acquire()
     try:
         pipe.__class__ = _make_patched_class(type(pipe))
