@@ -26,6 +26,17 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def requested_backend(configured: str) -> str:
+    """The backend asked for: ``COMPACTFUSION_BACKEND`` when set (validated), else the config
+    field. Part of the cross-rank check, so one rank's environment cannot differ silently."""
+    env = os.environ.get(ENV_VAR)
+    if env:
+        if env not in _CHOICES:
+            raise ValueError(f"{ENV_VAR} must be one of {_CHOICES}, got {env!r}")
+        return env
+    return configured
+
+
 def resolve_backend(requested: str, device: torch.device) -> str:
     """``"triton"`` or ``"torch"`` for tensors on ``device``.
 
@@ -33,11 +44,7 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     ``auto`` picks Triton for CUDA tensors when the kernels import, torch otherwise. Forcing
     ``triton`` for CPU tensors is only possible under ``TRITON_INTERPRET=1``.
     """
-    env = os.environ.get(ENV_VAR)
-    if env:
-        if env not in _CHOICES:
-            raise ValueError(f"{ENV_VAR} must be one of {_CHOICES}, got {env!r}")
-        requested = env
+    requested = requested_backend(requested)
     if requested == "torch":
         return "torch"
     on_gpu = device.type == "cuda"

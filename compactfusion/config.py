@@ -6,7 +6,8 @@ import dataclasses
 import hashlib
 import json
 import math
-from collections.abc import Callable, Hashable, Mapping
+import re
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,61 @@ LINK_HINTS: dict[str, float] = {
 }
 
 SitePolicy = Callable[[Hashable, int], bool]
+
+
+class FrozenParams(Mapping):
+    """A read-only, hashable copy of ``codec_params`` (a frozen config must stay as it was
+    validated: a dict mutated later would change the fingerprint behind the ranks' backs)."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, Any]):
+        object.__setattr__(self, "_items", dict(items))
+
+    def __getitem__(self, name: str) -> Any:
+        return self._items[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(
+            "codec_params is read-only; use CompactConfig.replace(codec_params=...)"
+        )
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self._items, sort_keys=True, default=repr))
+
+    def __repr__(self) -> str:
+        return repr(self._items)
+
+    def __reduce__(self):
+        return (FrozenParams, (self._items,))
+
+
+def callable_fingerprint(fn: Callable[..., Any]) -> str:
+    """A description of ``fn`` that differs when its code, constants, defaults or captured
+    values differ (two ranks passing different ``site_policy`` functions of the same name
+    must not pass the cross-rank check)."""
+    parts = [getattr(fn, "__module__", ""), getattr(fn, "__qualname__", type(fn).__name__)]
+    code = getattr(fn, "__code__", None)
+    if code is None:  # a callable object: its class and state
+        parts.append(repr(sorted(vars(fn).items())) if hasattr(fn, "__dict__") else repr(fn))
+        code = getattr(type(fn).__call__, "__code__", None)
+    if code is not None:
+        parts += [code.co_code.hex(), repr(code.co_consts), repr(code.co_names)]
+    parts.append(repr(getattr(fn, "__defaults__", None)))
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            parts.append(repr(cell.cell_contents))
+        except ValueError:  # an empty cell
+            parts.append("<empty>")
+    # Object addresses differ between processes: they must not make equal policies differ.
+    text = re.sub(r" at 0x[0-9a-fA-F]+", "", "|".join(parts))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -81,7 +137,7 @@ class CompactConfig:
             )
         if not isinstance(self.codec_params, Mapping):
             raise ValueError("codec_params: must be a mapping of parameter names to values")
-        object.__setattr__(self, "codec_params", dict(self.codec_params))
+        object.__setattr__(self, "codec_params", FrozenParams(self.codec_params))
         self.make_codec()  # validates codec_params (raises ValueError naming the parameter)
         for name in ("warmup_steps", "min_numel"):
             value = getattr(self, name)
@@ -138,11 +194,14 @@ class CompactConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-dict form (``site_policy`` shown by its qualified name)."""
-        d = dataclasses.asdict(self)
+        """Plain-dict form (``site_policy`` shown by its qualified name and a hash of its code,
+        constants and captured values)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["codec_params"] = dict(sorted(self.codec_params.items()))
         policy = self.site_policy
-        d["site_policy"] = None if policy is None else getattr(policy, "__qualname__", "custom")
+        if policy is not None:
+            name = getattr(policy, "__qualname__", type(policy).__name__)
+            d["site_policy"] = f"{name}#{callable_fingerprint(policy)}"
         return d
 
     def fingerprint(self) -> str:

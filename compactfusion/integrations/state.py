@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..backend import requested_backend
 from ..collectives import check_consistent
 from ..config import CompactConfig
 from ..policy import codec_throughput_gbps
@@ -73,12 +74,14 @@ class PipelineState:
         self.step_seconds.clear()
 
     def ensure_checked(self) -> None:
-        """Exchange a hash of config, payload layout and parallel layout over the whole world,
-        once per patched pipeline: differently configured ranks fail together, never hang."""
+        """Exchange a hash of config, payload layout, parallel layout and the backend asked for
+        (``COMPACTFUSION_BACKEND`` included) over the whole world, once per patched pipeline:
+        differently configured ranks fail together, never hang."""
         if self.checked:
             return
         codec = self.compressor.codec.describe()
-        layout = f"ring={self.ring_world},ulysses={self.ulysses_world}"
+        backend = requested_backend(self.config.backend)  # raises for a bad environment value
+        layout = f"ring={self.ring_world},ulysses={self.ulysses_world},backend={backend}"
         policy = ""
         if self.config.policy == "auto":  # decisions depend on the codec speed assumed
             policy = f"|{codec_throughput_gbps('cuda')},{codec_throughput_gbps('cpu')}"
