@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 ENV_VAR = "COMPACTFUSION_BACKEND"
 _CHOICES = ("auto", "torch", "triton")
@@ -14,11 +17,30 @@ _CHOICES = ("auto", "torch", "triton")
 @functools.cache
 def triton_available() -> bool:
     """Whether ``compactfusion.kernels`` (and so Triton) can be imported."""
+    return kernels_import_error() is None
+
+
+@functools.cache
+def kernels_import_error() -> str | None:
+    """Why ``compactfusion.kernels`` cannot be imported (None when it can)."""
     try:
         import compactfusion.kernels  # noqa: F401
-    except Exception:  # ImportError, or Triton failing to initialise without a driver
-        return False
-    return True
+    except Exception as exc:  # ImportError, or Triton failing to initialise without a driver
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+@functools.cache
+def _warn_slow_path_on_gpu() -> None:
+    """Said once per process: CUDA tensors going through the torch codecs is a large slowdown
+    that a user would otherwise not notice (a checkout run without installing, say)."""
+    logger.warning(
+        "compactfusion: CUDA is available but the fused kernels (compactfusion.kernels) cannot "
+        "be imported (%s); the much slower torch codecs are used. Install the package (pip "
+        "install -e .) with a working Triton, or set COMPACTFUSION_BACKEND=torch to silence "
+        "this.",
+        kernels_import_error(),
+    )
 
 
 def interpreter_enabled() -> bool:
@@ -49,6 +71,8 @@ def resolve_backend(requested: str, device: torch.device) -> str:
         return "torch"
     on_gpu = device.type == "cuda"
     if requested == "auto":
+        if on_gpu and not triton_available():
+            _warn_slow_path_on_gpu()
         return "triton" if on_gpu and triton_available() else "torch"
     if requested != "triton":
         raise ValueError(f"backend must be one of {_CHOICES}, got {requested!r}")
