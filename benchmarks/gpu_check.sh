@@ -37,7 +37,10 @@
 #      $OUT then receives (the tool returns at most 8 files): summary.txt, summary.json,
 #      kernels.csv, kernels.png, e2e.json, compile.json, tests_junit.xml and
 #      gpu_check.tar.gz (every log and file of the run). The summary table is printed last.
-#   3. To rerun only some stages while the machine is warm: add --stages setup,e2e (say).
+#   3. To rerun only some stages while the machine is warm: add --stages setup,e2e (say);
+#      GPU_CHECK_E2E_ARGS / GPU_CHECK_COMPILE_ARGS add arguments to those stages' commands
+#      (e.g. GPU_CHECK_E2E_ARGS="--attention-backend SDPA_FLASH --codecs int2 int1"),
+#      GPU_CHECK_CAP_<STAGE> (e.g. GPU_CHECK_CAP_E2E=200) changes a stage's cap.
 #
 # Without a GPU: bash benchmarks/gpu_check.sh --dry-run (or make gpu-check GPU_CHECK_ARGS=
 # --dry-run) runs what can run on CPU: the interpreted kernel tests of the same files, the
@@ -256,8 +259,9 @@ stage_bench() {
 
 stage_e2e() {
     local rc=0
+    # shellcheck disable=SC2086 # GPU_CHECK_E2E_ARGS: extra words, e.g. --attention-backend X
     "$PY" benchmarks/gpu_check.py e2e --device "$DEVICE" --out "$RES/e2e.json" \
-        --timeout $((CAP - 15)) || rc=$?
+        --timeout $((CAP - 15)) ${GPU_CHECK_E2E_ARGS:-} || rc=$?
     note "$(grep -E '^E2E (passed|FAILED \()' "$RES/$STAGE.log" | tail -n 1 || true)"
     return "$rc"
 }
@@ -265,8 +269,9 @@ stage_e2e() {
 stage_compile() {
     local args=()
     if [ "$DRY_RUN" = 1 ]; then args=(--backend eager --no-baseline); fi
+    # shellcheck disable=SC2086 # GPU_CHECK_COMPILE_ARGS: extra words, e.g. --no-baseline
     "$PY" benchmarks/gpu_check.py compile --device "$DEVICE" --out "$RES/compile.json" \
-        --timeout $((CAP - 15)) "${args[@]}"
+        --timeout $((CAP - 15)) "${args[@]}" ${GPU_CHECK_COMPILE_ARGS:-}
     note "$("$PY" -c 'import json,sys; r=json.load(open(sys.argv[1]))
 parts = [(k, v) for k, v in (r["ranks"][0] if r["ranks"] else {}).items()]
 print("; ".join(f"{k}: " + ("compiled, %d graph breaks" % v["dynamo"]["graph_breaks"]
