@@ -854,10 +854,12 @@ def _compile_rank(rank: int, world: int, opts) -> dict:
 def cmd_compile(args) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: use --device cpu for the dry run")
-    _, head_dim, size, steps = SIZES[args.device]
+    _, head_dim, size, _ = SIZES[args.device]
     opts = {
         "device": args.device,
-        "steps": args.steps or steps,
+        # Each step may recompile (guards on per-step state): the fewest steps that include a
+        # compressed one after the warm-up.
+        "steps": args.steps or 3,
         "head_dim": head_dim,
         "size": size,
         "attention_backend": args.attention_backend,

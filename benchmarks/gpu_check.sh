@@ -129,6 +129,10 @@ if [ -z "$RES" ]; then
         RES=outputs/gpu_check
     fi
 fi
+# Start from an empty results folder, but never empty one this script did not fill.
+if [ -d "$RES" ] && [ -n "$(ls -A "$RES")" ] && [ ! -f "$RES/stages.tsv" ]; then
+    die_usage "--out $RES is a non-empty folder without an earlier gpu_check result in it"
+fi
 rm -rf "$RES"
 mkdir -p "$RES"
 RES=$(cd "$RES" && pwd)

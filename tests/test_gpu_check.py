@@ -271,3 +271,11 @@ def test_script_dry_run_env_stage_exports(tmp_path):
     assert [s["stage"] for s in summary["stages"]] == ["env"]
     env = json.loads((tmp_path / "r" / "env.json").read_text())
     assert env["torch"] == torch.__version__
+
+
+@needs_bash
+def test_script_refuses_to_empty_a_foreign_folder(tmp_path):
+    (tmp_path / "keep.txt").write_text("not a gpu_check result")
+    res = _run("--dry-run", "--stages", "env", "--out", str(tmp_path))
+    assert res.returncode == 2 and "non-empty folder" in res.stderr
+    assert (tmp_path / "keep.txt").exists()
