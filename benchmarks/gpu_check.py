@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import csv
 import hashlib
 import importlib.metadata
@@ -995,6 +996,12 @@ def cmd_summary(args) -> int:
     if args.env and os.path.exists(args.env):
         with open(args.env) as f:
             env = json.load(f)
+    else:  # no env stage in this run: this interpreter's versions
+        env["torch"] = torch.__version__
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            env["triton"] = importlib.metadata.version("triton")
+        if torch.cuda.is_available():
+            env["device"] = {"name": torch.cuda.get_device_name(0)}
     device = (env.get("device") or {}).get("name") or platform.machine() + " (no CUDA)"
     failed = [s["stage"] for s in stages if s["status"] in ("FAIL", "TIMEOUT")]
     summary = {

@@ -158,7 +158,7 @@ export RES PY DEVICE DRY_RUN SITE WHEELHOUSE REPO
 # Stages: each runs in `bash -c` under `timeout`; its output goes to $RES/<stage>.log and a
 # one-line note for the summary to $RES/<stage>.note.
 # --------------------------------------------------------------------------------------------
-note() { printf '%s' "$*" >"$RES/$STAGE.note"; }
+note() { printf '%s' "$*" >"$RES/$STAGE_NAME.note"; }
 
 stage_setup() {
     if [ -n "$WHEELHOUSE" ]; then
@@ -265,8 +265,8 @@ stage_e2e() {
     local rc=0
     # shellcheck disable=SC2086 # GPU_CHECK_E2E_ARGS: extra words, e.g. --attention-backend X
     "$PY" benchmarks/gpu_check.py e2e --device "$DEVICE" --out "$RES/e2e.json" \
-        --timeout $((CAP - 15)) ${GPU_CHECK_E2E_ARGS:-} || rc=$?
-    note "$(grep -E '^E2E (passed|FAILED \()' "$RES/$STAGE.log" | tail -n 1 || true)"
+        --timeout $((STAGE_CAP - 15)) ${GPU_CHECK_E2E_ARGS:-} || rc=$?
+    note "$(grep -E '^E2E (passed|FAILED \()' "$RES/$STAGE_NAME.log" | tail -n 1 || true)"
     return "$rc"
 }
 
@@ -275,7 +275,7 @@ stage_compile() {
     if [ "$DRY_RUN" = 1 ]; then args=(--backend eager --no-baseline); fi
     # shellcheck disable=SC2086 # GPU_CHECK_COMPILE_ARGS: extra words, e.g. --no-baseline
     "$PY" benchmarks/gpu_check.py compile --device "$DEVICE" --out "$RES/compile.json" \
-        --timeout $((CAP - 15)) "${args[@]}" ${GPU_CHECK_COMPILE_ARGS:-}
+        --timeout $((STAGE_CAP - 15)) "${args[@]}" ${GPU_CHECK_COMPILE_ARGS:-}
     note "$("$PY" -c 'import json,sys; r=json.load(open(sys.argv[1]))
 parts = [(k, v) for k, v in (r["ranks"][0] if r["ranks"] else {}).items()]
 print("; ".join(f"{k}: " + ("compiled, %d graph breaks" % v["dynamo"]["graph_breaks"]
@@ -299,7 +299,7 @@ run_stage() {
     # The checkout joins the path only where the setup stage fell back to the kernels link.
     local path=${PYTHONPATH:-}
     if [ -f "$RES/pythonpath" ]; then path="$(cat "$RES/pythonpath")${path:+:$path}"; fi
-    PYTHONPATH=$path STAGE=$name CAP=$cap timeout -k 10 "$cap" \
+    PYTHONPATH=$path STAGE_NAME=$name STAGE_CAP=$cap timeout -k 10 "$cap" \
         bash -c "set -eo pipefail; stage_$name" >"$RES/$name.log" 2>&1 || rc=$?
     local seconds
     seconds=$(awk -v a="$start" -v b="$(date +%s%N)" 'BEGIN { printf "%.1f", (b - a) / 1e9 }')
