@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.compactfusion-installed
 
-.PHONY: setup demo codec-demo test lint clean
+.PHONY: setup demo codec-demo test lint gpu-check clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,11 @@ test: setup
 
 lint: setup
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+# GPU validation on one H100/H200 (issue 15; see the top of benchmarks/gpu_check.sh for the
+# device command). Without a GPU: make gpu-check GPU_CHECK_ARGS=--dry-run
+gpu-check: setup
+	bash benchmarks/gpu_check.sh --python $(PY) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info outputs
