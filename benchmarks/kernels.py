@@ -119,7 +119,9 @@ def _timer(device: str, reps: int):
             t0 = time.perf_counter()
             fn()
             ts.append(1e6 * (time.perf_counter() - t0))
-        qs = statistics.quantiles(ts, n=5) if len(ts) > 1 else [ts[0]] * 4
+        # "inclusive": quantiles within the observed range (the default method extrapolates
+        # beyond it with few samples: a negative p20 from 3 repetitions).
+        qs = statistics.quantiles(ts, n=5, method="inclusive") if len(ts) > 1 else [ts[0]] * 4
         return statistics.median(ts), qs[0], qs[3]
 
     return bench
