@@ -287,3 +287,45 @@ def unpatch(obj: Any) -> None:
         unpatch_runner_model(obj)
     else:
         unpatch_runner_pipeline(obj)
+
+
+# --------------------------------------------------------------------------------------------
+# The runner's lifecycle
+# --------------------------------------------------------------------------------------------
+_SEAM = "_enable_options"  # called by xFuserModel.initialize after load and runtime state
+
+
+def patch_when_initialized(model: Any, config: CompactConfig) -> None:
+    """Patch ``model`` (an ``xFuserModel`` not initialised yet) at the right moment of
+    ``model.initialize``: after its pipeline is loaded, placed and its runtime state
+    initialised, before xfuser's FP8-communication set-up, torch.compile warm-up and step
+    caching (``--cache_method``) are applied. Refuses ``use_torch_compile`` (the compressed
+    exchange is not compile-safe yet) and ``use_fp8_comms``.
+    """
+    if not is_runner_model(model):
+        raise TypeError(f"expected one of xfuser's runner models, got {type(model).__name__}")
+    if getattr(model, "pipe", None) is not None:
+        raise RuntimeError("this model is already initialised: call compactfusion.patch(model)")
+    runner_config = model.config
+    if getattr(runner_config, "use_torch_compile", False):
+        raise NotImplementedError(
+            "--use_torch_compile with compactfusion: the compressed exchange is not "
+            "torch.compile-safe yet (it would break the graph or be traced wrongly); run "
+            "without --use_torch_compile, or with --compact-off"
+        )
+    if getattr(runner_config, "use_fp8_comms", False):
+        raise ValueError(
+            "xfuser's use_fp8_comms (FP8 Ulysses all-to-all) is enabled: it already quantizes "
+            "the traffic compactfusion would compress; disable one of them"
+        )
+    original = getattr(model, _SEAM)
+
+    def enable_options_then_patch(*args, **kwargs):
+        result = original(*args, **kwargs)
+        del model.__dict__[_SEAM]  # the instance attribute has done its work
+        from ..api import patch as api_patch  # the public entry: idempotence, registry
+
+        api_patch(model, config)
+        return result
+
+    setattr(model, _SEAM, enable_options_then_patch)
