@@ -116,6 +116,32 @@ def _pipeline_checks(rank, world):
                 per_step[codec] = cf.stats(pipe)["bytes_per_step"]
         res[f"bytes {degrees}"] = per_step
 
+    # Step caching (xfuser's in-tree FBCache for FLUX.2, applied after patching as the runner
+    # does): cached steps skip the blocks, so their sites skip those steps on every rank alike.
+    from xfuser.model_executor.cache.adapters import apply_cache
+
+    steps = 8
+    for degrees in ({"ring": 2}, {"ulysses": 2}):
+        pipe = runner_pipeline("flux2", **degrees)
+        with cf.patched(pipe, int2):
+            lossy_uncached = runner_generate(pipe, "flux2", steps=steps)
+        uncached = runner_generate(pipe, "flux2", steps=steps)
+        cf.patch(pipe, int2)
+        apply_cache("fbcache", num_steps=steps, pipe=pipe)
+        lossy = runner_generate(pipe, "flux2", steps=steps)
+        calls = sorted({site["calls"] for site in cf.stats(pipe)["sites"].values()})
+        cf.unpatch(pipe)
+        plain = runner_generate(pipe, "flux2", steps=steps)
+        with cf.patched(pipe, "off"):
+            raw = runner_generate(pipe, "flux2", steps=steps)
+        res[f"fbcache {degrees}"] = dict(
+            raw=rel(raw, plain),
+            int2=rel(lossy, plain),
+            int2_uncached=rel(lossy_uncached, uncached),
+            cache_effect=rel(plain, uncached),
+            calls=calls,
+        )
+
     # Refusals: xfuser's own FP8 communication.
     from xfuser.core.distributed import get_runtime_state
 
@@ -163,6 +189,11 @@ def test_runner_pipelines_two_ranks():
             assert all(b == raw_bf16 for b in per_step["raw"]), per_step
             assert per_step["int2"][0] == raw_bf16  # warm-up step sent raw
             assert all(raw_bf16 / b >= 7 for b in per_step["int2"][1:]), (degrees, per_step)
+        for degrees in ({"ring": 2}, {"ulysses": 2}):
+            fb = res[f"fbcache {degrees}"]
+            assert fb["cache_effect"] > 0 and min(fb["calls"]) < max(fb["calls"]), fb  # skipped
+            assert fb["raw"] < EXACT, fb
+            assert 0 < fb["int2"] < INT2 and fb["int2"] < 3 * fb["int2_uncached"], fb
         assert "use_fp8_comms" in res["fp8_error"]
         assert res["is_patched_after_refusal"] is False
 
