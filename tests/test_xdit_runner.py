@@ -204,20 +204,20 @@ def _runner_model_checks(rank, world, path):
     import compactfusion as cf
     from compactfusion import CompactConfig
     from compactfusion.integrations.xdit_runner import patch_when_initialized
-    from compactfusion.testing.tiny_runner_models import runner_generate, tiny_runner_model
+    from compactfusion.testing.tiny_runner_models import local_runner_model, runner_generate
 
     res: dict = {}
     inputs = {"prompt": "a cat", "num_inference_steps": 4, "height": 32, "width": 32,
               "num_frames": 5, "guidance_scale": 1.0, "seed": 1}  # fmt: skip
     # The runner refuses torch.compile with compression clearly, before loading anything.
-    compiled = tiny_runner_model("wan2.2", path, ulysses_degree=2, use_torch_compile=True)
+    compiled = local_runner_model("wan2.2", path, ulysses_degree=2, use_torch_compile=True)
     try:
         patch_when_initialized(compiled, CompactConfig())
         res["compile_error"] = None
     except NotImplementedError as exc:
         res["compile_error"] = str(exc)
 
-    model = tiny_runner_model("wan2.2", path, ulysses_degree=2)
+    model = local_runner_model("wan2.2", path, ulysses_degree=2)
     patch_when_initialized(model, CompactConfig(codec="int2", min_numel=0))
     model.initialize(model.preprocess_args(dict(inputs, dataset_path=None, input_images=[])))
     pipe = model.pipe

@@ -30,7 +30,7 @@ def build_parser():
 
     parser = FlexibleArgumentParser(
         prog="compactfusion-xdit",
-        description="xfuser's model runner (xdit) with compactfusion's compressed exchanges"
+        description="xfuser's model runner (xdit) with compactfusion's compressed exchanges",
     )
     xFuserArgs.add_runner_args(parser)
     add_compact_flags(parser)

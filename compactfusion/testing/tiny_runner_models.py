@@ -6,7 +6,7 @@ around one of xfuser's transformer wrappers (``xFuserWanTransformer3DWrapper``, 
 calls ``initialize_runtime_state(pipe, engine_config)``. :func:`runner_pipeline` does exactly
 that with a tiny seeded transformer; :func:`save_tiny_checkpoint` writes such a model to a
 directory so that the runner's own model classes (``xFuserWan21T2VModel``, ...) load it with
-``from_pretrained`` (see :func:`tiny_runner_model`).
+``from_pretrained`` (see :func:`local_runner_model`).
 
 There are no text encoders and no VAE: the conditioning is passed as ``prompt_embeds`` (drawn
 from a seeded generator, identical on every rank) and the output is the denoised latents.
@@ -32,7 +32,7 @@ __all__ = [
     "runner_pipeline",
     "prepare_runner_cpu",
     "save_tiny_checkpoint",
-    "tiny_runner_model",
+    "local_runner_model",
     "tiny_transformer",
 ]
 
@@ -456,12 +456,13 @@ def _place_on_cpu(loader) -> None:
     """CPU replacement for xfuser's ``place_pipeline_components``: keep the pipeline as loaded."""
 
 
-def tiny_runner_model(kind: str, path: str | os.PathLike, **args: Any):
+def local_runner_model(kind: str, path: str | os.PathLike, **args: Any):
     """The runner's registered model class for ``kind`` (e.g. ``xFuserWan21T2VModel``) reading
-    the checkpoint at ``path`` (from :func:`save_tiny_checkpoint`), constructed from runner
-    arguments (``ulysses_degree=2``, ...) with xfuser's groups created for them, but not yet
-    initialised (call ``model.initialize(model.preprocess_args(args))``). The model name it
-    loads is redirected to ``path`` in the instance's own settings (nothing global changes)."""
+    the diffusers checkpoint at ``path`` (real weights, or one from
+    :func:`save_tiny_checkpoint`), built from runner arguments (``ulysses_degree=2``, ...) with
+    xfuser's groups created for them, but not yet initialised (call
+    ``model.initialize(model.preprocess_args(args))``). The model name it loads is redirected
+    to ``path`` in the instance's own settings (nothing global changes)."""
     from xfuser import xFuserArgs
     from xfuser.model_executor.models.runner_models.base_model import MODEL_REGISTRY
 
