@@ -32,19 +32,12 @@ def find_adapter(pipe: Any) -> Adapter:
         if adapter.matches(pipe):
             return adapter
     kind = type(pipe).__name__
-    hint = ""
-    if any(c.__module__.startswith("diffusers") for c in type(pipe).__mro__):
-        hint = (
-            " It is a plain diffusers pipeline: wrap it in xfuser first (e.g. "
-            "xFuserFluxPipeline.from_pretrained(..., engine_config=...)) with ring_degree or "
-            "ulysses_degree > 1."
-        )
     supported = ", ".join(a.name for a in _ADAPTERS)
-    raise TypeError(f"compactfusion cannot patch a {kind}; supported: {supported}.{hint}")
+    raise TypeError(f"compactfusion cannot patch a {kind}; supported: {supported}")
 
 
 def _register_builtin() -> None:
-    from . import xdit
+    from . import xdit, xdit_runner
 
     register_adapter(
         Adapter(
@@ -52,6 +45,15 @@ def _register_builtin() -> None:
             matches=xdit.is_xdit_pipeline,
             patch=xdit.patch_xdit,
             unpatch=xdit.unpatch_xdit,
+        )
+    )
+    register_adapter(
+        Adapter(
+            name="xfuser model runner (xFuserModel, or a diffusers pipeline around xfuser's "
+            "transformer wrappers)",
+            matches=xdit_runner.matches,
+            patch=xdit_runner.patch,
+            unpatch=xdit_runner.unpatch,
         )
     )
 

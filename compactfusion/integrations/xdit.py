@@ -34,7 +34,8 @@ SUPPORTED_XFUSER = ("0.7.0",)
 # --------------------------------------------------------------------------------------------
 # Validation and discovery
 # --------------------------------------------------------------------------------------------
-def _xfuser_modules():
+def xfuser_modules():
+    """``(xfuser.core.distributed, usp, xFuserPipelineBaseWrapper)``, imported on demand."""
     try:
         from xfuser.core import distributed as xdist
         from xfuser.model_executor.layers import usp
@@ -55,21 +56,26 @@ def is_xdit_pipeline(pipe: Any) -> bool:
     )
 
 
-def _check_supported(pipe: Any) -> tuple[int, int]:
-    xdist, usp, base = _xfuser_modules()
+def check_xfuser_runtime(runtime_config: Any) -> tuple[int, int]:
+    """Refuse what compactfusion cannot compress under xfuser's current parallel layout;
+    returns ``(ring_degree, ulysses_degree)``. ``runtime_config`` is xfuser's
+    ``RuntimeConfig`` (or None when unknown). Shared by the legacy and the runner adapters."""
+    xdist, usp, _ = xfuser_modules()
     version = importlib.metadata.version("xfuser")
     if version not in SUPPORTED_XFUSER:
         raise RuntimeError(
             f"compactfusion supports xfuser {', '.join(SUPPORTED_XFUSER)}, found {version}"
         )
-    if not isinstance(pipe, base):
-        raise TypeError(f"expected an xfuser pipeline, got {type(pipe).__name__}")
-    engine = getattr(pipe, "engine_config", None)
-    runtime = getattr(engine, "runtime_config", None)
-    if runtime is not None and getattr(runtime, "use_fp8_comms", False):
+    if runtime_config is not None and getattr(runtime_config, "use_fp8_comms", False):
         raise ValueError(
             "xfuser's use_fp8_comms (FP8 Ulysses all-to-all) is enabled: it already quantizes "
             "the traffic compactfusion would compress; disable one of them"
+        )
+    if not xdist.model_parallel_is_initialized():
+        raise RuntimeError(
+            "xfuser's parallel groups are not initialised: build the engine config and call "
+            "xfuser's initialize_runtime_state(pipe, engine_config) first (xfuser's model "
+            "runner does this in xFuserModel.initialize)"
         )
     if xdist.get_pipeline_parallel_world_size() > 1:
         raise NotImplementedError(
@@ -87,6 +93,14 @@ def _check_supported(pipe: Any) -> tuple[int, int]:
             "on CPU call compactfusion.testing.prepare_xfuser_cpu() before importing xfuser"
         )
     return ring, ulysses
+
+
+def _check_supported(pipe: Any) -> tuple[int, int]:
+    _, _, base = xfuser_modules()
+    if not isinstance(pipe, base):
+        raise TypeError(f"expected an xfuser pipeline, got {type(pipe).__name__}")
+    engine = getattr(pipe, "engine_config", None)
+    return check_xfuser_runtime(getattr(engine, "runtime_config", None))
 
 
 def _attention_modules(pipe: Any) -> list[tuple[str, torch.nn.Module]]:
@@ -110,7 +124,7 @@ def _attention_modules(pipe: Any) -> list[tuple[str, torch.nn.Module]]:
 # --------------------------------------------------------------------------------------------
 # The module-level function swap (shared by all patched pipelines, reference counted)
 # --------------------------------------------------------------------------------------------
-class _Swap:
+class FunctionSwap:
     """Holds xfuser's original functions while at least one pipeline is patched."""
 
     users = 0
@@ -118,7 +132,7 @@ class _Swap:
 
     @classmethod
     def acquire(cls) -> None:
-        _, usp, _ = _xfuser_modules()
+        _, usp, _ = xfuser_modules()
         if cls.users == 0:
             cls.originals = {
                 "ring_attn": usp.ring_attn,
@@ -132,7 +146,7 @@ class _Swap:
     def release(cls) -> None:
         cls.users -= 1
         if cls.users == 0:
-            _, usp, _ = _xfuser_modules()
+            _, usp, _ = xfuser_modules()
             for name, fn in cls.originals.items():
                 setattr(usp, name, fn)
             cls.originals = {}
@@ -150,13 +164,13 @@ def _patched_ring_attn(
 ):
     state = tracking.active_state()
     if state is None:
-        return _Swap.originals["ring_attn"](
+        return FunctionSwap.originals["ring_attn"](
             attention_function, query, key, value, dropout_p, is_causal, joint_attn_kwargs,
             attention_kwargs,
         )  # fmt: skip
     if is_causal:
         raise NotImplementedError("compactfusion ring attention does not support causal masks")
-    _, usp, _ = _xfuser_modules()
+    _, usp, _ = xfuser_modules()
     attend_fn = xfuser_attend_fn(
         attention_function,
         dropout_p=dropout_p,
@@ -182,15 +196,18 @@ def xfuser_attend_fn(attention_function, **kw):
 def _patched_all_to_all_single(x):
     state = tracking.active_state()
     if state is None or not state.config.compress_ulysses:
-        return _Swap.originals["_sdpa_all_to_all_single"](x)
-    _, usp, _ = _xfuser_modules()
+        return FunctionSwap.originals["_sdpa_all_to_all_single"](x)
+    _, usp, _ = xfuser_modules()
     return ulysses_all_to_all(state, tracking.current_layer(state), x, usp.PROCESS_GROUP.ULYSSES_PG)
 
 
 # --------------------------------------------------------------------------------------------
 # Patching a pipeline instance
 # --------------------------------------------------------------------------------------------
-def _make_patched_class(cls: type) -> type:
+def make_patched_class(cls: type) -> type:
+    """A subclass of ``cls`` whose ``__call__`` starts a generation and marks the pipeline
+    as running (the state is read from the instance's ``STATE_ATTR``)."""
+
     def __call__(self, *args, **kwargs):
         state: PipelineState = getattr(self, STATE_ATTR)
         state.ensure_checked()
@@ -216,11 +233,11 @@ def patch_xdit(pipe: Any, config: CompactConfig) -> PipelineState:
     tracking.install_layer_hooks(state, modules)
     tracking.install_step_hooks(state, pipe.module.transformer)
     tracking.install_branch_tracking(state, pipe.module.transformer)
-    _Swap.acquire()
+    FunctionSwap.acquire()
     try:
-        pipe.__class__ = _make_patched_class(type(pipe))
+        pipe.__class__ = make_patched_class(type(pipe))
     except Exception:
-        _Swap.release()
+        FunctionSwap.release()
         tracking.remove_hooks(state)
         raise
     setattr(pipe, STATE_ATTR, state)
@@ -234,4 +251,4 @@ def unpatch_xdit(pipe: Any) -> None:
     state.new_generation()  # waits for any outstanding asynchronous gathers
     pipe.__class__ = state.original_class
     delattr(pipe, STATE_ATTR)
-    _Swap.release()
+    FunctionSwap.release()

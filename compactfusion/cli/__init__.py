@@ -1,0 +1,1 @@
+"""Command-line entry points (``compactfusion-xdit``) and the ``--compact-*`` flags they share."""
