@@ -63,3 +63,18 @@ def test_layers_and_branches_are_separate_sites():
     with tracking.running(state):
         model(x)
     assert seen == ["attn", "attn"] and state.step == 3
+
+
+def test_ratio_after_warmup_skips_each_branchs_warmup_calls():
+    cfg = CompactConfig(warmup_steps=1)
+    state = PipelineState(config=cfg, compressor=ResidualCompressor(cfg))
+    # Two calls per step (cond, uncond): each branch's first call is raw (100 bytes), then 10.
+    for step in range(3):
+        for branch in ("cond", "uncond"):
+            state.branch = branch
+            state.begin_step()
+            state.end_step()
+            state.step_bytes[-1] = 100 if step == 0 else 10
+            state.step_raw_bytes[-1] = 100
+    state.branch = None
+    assert state.stats()["ratio_after_warmup"] == 10.0

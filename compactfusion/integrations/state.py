@@ -48,6 +48,7 @@ class PipelineState:
     generations: int = 0
     step_bytes: list[int] = field(default_factory=list)  # payload bytes sent per step
     step_raw_bytes: list[int] = field(default_factory=list)
+    step_branches: list[str | None] = field(default_factory=list)  # branch of each call
     step_seconds: list[float] = field(default_factory=list)
     stale_bytes: int = 0
     # Bookkeeping of the step in progress.
@@ -71,6 +72,7 @@ class PipelineState:
         self.generations += 1
         self.step_bytes.clear()
         self.step_raw_bytes.clear()
+        self.step_branches.clear()
         self.step_seconds.clear()
 
     def ensure_checked(self) -> None:
@@ -103,13 +105,27 @@ class PipelineState:
         sent, raw = self._sent()
         self.step_bytes.append(sent - self._step_marks[0])
         self.step_raw_bytes.append(raw - self._step_marks[1])
+        self.step_branches.append(self.branch)
         self.step_seconds.append(time.perf_counter() - self._step_start)
         self.step += 1
 
+    def _after_warmup(self) -> tuple[list[int], list[int]]:
+        """Bytes and raw bytes of the calls after each branch's warm-up calls (with guidance
+        as two calls per step, the first ``warmup_steps`` calls of *each* branch are raw)."""
+        seen: dict[str | None, int] = {}
+        after, raw_after = [], []
+        for sent, raw, branch in zip(
+            self.step_bytes, self.step_raw_bytes, self.step_branches, strict=True
+        ):
+            seen[branch] = seen.get(branch, 0) + 1
+            if seen[branch] > self.config.warmup_steps:
+                after.append(sent)
+                raw_after.append(raw)
+        return after, raw_after
+
     def stats(self) -> dict[str, Any]:
         st = self.compressor.stats()
-        after = self.step_bytes[self.config.warmup_steps :]
-        raw_after = self.step_raw_bytes[self.config.warmup_steps :]
+        after, raw_after = self._after_warmup()
         st.update(
             mode=self.config.mode,
             config=self.config.to_dict(),
