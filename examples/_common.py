@@ -152,42 +152,9 @@ def build_parser(example: Example):
     # None = "the default for the model that gets loaded" (real and tiny defaults differ).
     parser.set_defaults(**dict.fromkeys(_PER_MODEL))
 
-    # FlexibleArgumentParser rewrites every "--a-b" to "--a_b" before parsing, so each flag is
-    # registered under both spellings.
-    def flag(group, name: str, **kwargs):
-        group.add_argument(f"--{name}", f"--{name.replace('-', '_')}", **kwargs)
+    from compactfusion.cli.flags import add_compact_flags, flag
 
-    from compactfusion.config import LINK_HINTS, MODES, POLICIES, PRESETS
-
-    cf = parser.add_argument_group("compactfusion")
-    flag(
-        cf,
-        "compact-codec",
-        default=None,
-        help=f"codec or preset: {sorted(set(_codec_names()) | set(PRESETS))} (default: int2)",
-    )
-    flag(
-        cf,
-        "compact-codec-params",
-        default=None,
-        help="codec parameters as JSON, e.g. '{\"rank\": 8}'",
-    )
-    flag(cf, "compact-mode", choices=MODES, default="allgather", help="ring-attention strategy")
-    flag(cf, "compact-warmup", type=int, default=None, help="raw steps per site (default: 1)")
-    flag(cf, "compact-policy", choices=POLICIES, default="always", help="auto needs --compact-link")
-    flag(
-        cf,
-        "compact-link",
-        default=None,
-        help=f"link hint for --compact-policy auto: {sorted(LINK_HINTS)} or a bandwidth in GB/s",
-    )
-    flag(cf, "compact-off", action="store_true", help="run plain xfuser: nothing is patched")
-    flag(
-        cf,
-        "compact-compare",
-        action="store_true",
-        help="first generate uncompressed with the same seed; save it and report the PSNR",
-    )
+    add_compact_flags(parser)
     ex = parser.add_argument_group("example")
     flag(ex, "output-dir", default=f"outputs/{example.kind}_example", help="where rank 0 writes")
     flag(ex, "dtype", choices=sorted(DTYPES), default="bf16", help="pipeline dtype")
@@ -200,48 +167,11 @@ def build_parser(example: Example):
     return parser
 
 
-def _codec_names() -> list[str]:
-    from compactfusion import available_codecs
-
-    return list(available_codecs())
-
-
 def compact_config(args, parser):
     """The :class:`~compactfusion.CompactConfig` the flags describe (None for --compact-off)."""
-    from compactfusion import CompactConfig
-    from compactfusion.config import PRESETS
+    from compactfusion.cli.flags import compact_config as from_flags
 
-    if args.compact_off:
-        given = [
-            name
-            for name in ("compact_codec", "compact_codec_params", "compact_warmup", "compact_link")
-            if getattr(args, name) is not None
-        ]
-        if given or args.compact_mode != "allgather" or args.compact_policy != "always":
-            parser.error("--compact-off runs without compactfusion: drop the other --compact-*")
-        if args.compact_compare:
-            parser.error("--compact-compare compares with compactfusion on: drop --compact-off")
-        return None
-    codec = args.compact_codec or "int2"
-    fields: dict[str, Any] = {"mode": args.compact_mode, "policy": args.compact_policy}
-    if args.compact_warmup is not None:
-        fields["warmup_steps"] = args.compact_warmup
-    if args.compact_link is not None:
-        try:
-            fields["link"] = float(args.compact_link)
-        except ValueError:
-            fields["link"] = args.compact_link
-    try:
-        if args.compact_codec_params is not None:
-            params = json.loads(args.compact_codec_params)
-            if not isinstance(params, dict):
-                raise ValueError("--compact-codec-params must be a JSON object")
-            fields["codec_params"] = params
-        if codec in PRESETS:
-            return CompactConfig.preset(codec, **fields)
-        return CompactConfig(codec=codec, **fields)
-    except (ValueError, NotImplementedError) as exc:  # json.JSONDecodeError is a ValueError
-        parser.error(f"compactfusion: {exc}")
+    return from_flags(args, parser)
 
 
 # --------------------------------------------------------------------------------------------

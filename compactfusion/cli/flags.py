@@ -25,7 +25,8 @@ COMPACT_DESTS = (
 )
 
 
-def _flag(group, name: str, **kwargs) -> None:
+def flag(group, name: str, **kwargs) -> None:
+    """Add ``--name`` under both spellings (``--a-b`` and ``--a_b``) to an argument group."""
     group.add_argument(f"--{name}", f"--{name.replace('-', '_')}", **kwargs)
 
 
@@ -33,34 +34,34 @@ def add_compact_flags(parser: argparse.ArgumentParser) -> None:
     """Add the ``compactfusion`` argument group to ``parser``."""
     group = parser.add_argument_group("compactfusion")
     names = sorted(set(available_codecs()) | set(PRESETS))
-    _flag(group, "compact-codec", default=None, help=f"codec or preset: {names} (default: int2)")
-    _flag(
+    flag(group, "compact-codec", default=None, help=f"codec or preset: {names} (default: int2)")
+    flag(
         group,
         "compact-codec-params",
         default=None,
         help="codec parameters as JSON, e.g. '{\"rank\": 8}'",
     )
-    _flag(group, "compact-mode", choices=MODES, default="allgather", help="ring strategy")
-    _flag(group, "compact-warmup", type=int, default=None, help="raw steps per site (default: 1)")
-    _flag(
+    flag(group, "compact-mode", choices=MODES, default="allgather", help="ring strategy")
+    flag(group, "compact-warmup", type=int, default=None, help="raw steps per site (default: 1)")
+    flag(
         group,
         "compact-policy",
         choices=POLICIES,
         default="always",
         help="auto needs --compact-link",
     )
-    _flag(
+    flag(
         group,
         "compact-link",
         default=None,
         help=f"link hint for --compact-policy auto: {sorted(LINK_HINTS)} or a bandwidth in GB/s",
     )
-    _flag(group, "compact-off", action="store_true", help="run plain xfuser: nothing is patched")
-    _flag(
+    flag(group, "compact-off", action="store_true", help="run plain xfuser: nothing is patched")
+    flag(
         group,
         "compact-compare",
         action="store_true",
-        help="also run the same inputs uncompressed and report the relative difference",
+        help="also run the same inputs uncompressed (same seed) and report how far the output is",
     )
 
 
