@@ -35,7 +35,9 @@ def find_adapter(pipe: Any) -> Adapter:
     hint = ""
     if any(c.__module__.startswith("diffusers") for c in type(pipe).__mro__):
         hint = (
-            " It is a plain diffusers pipeline: wrap it in xfuser first (e.g. "
+            " It is a diffusers pipeline (or model) without context parallelism. Either enable "
+            "diffusers' own, pipe.transformer.enable_parallelism(config=ContextParallelConfig("
+            "ring_degree=N)) (or ulysses_degree=N), or wrap it in xfuser (e.g. "
             "xFuserFluxPipeline.from_pretrained(..., engine_config=...)) with ring_degree or "
             "ulysses_degree > 1."
         )
@@ -44,7 +46,7 @@ def find_adapter(pipe: Any) -> Adapter:
 
 
 def _register_builtin() -> None:
-    from . import xdit
+    from . import diffusers, xdit
 
     register_adapter(
         Adapter(
@@ -52,6 +54,14 @@ def _register_builtin() -> None:
             matches=xdit.is_xdit_pipeline,
             patch=xdit.patch_xdit,
             unpatch=xdit.unpatch_xdit,
+        )
+    )
+    register_adapter(
+        Adapter(
+            name="diffusers pipelines and models with context parallelism (enable_parallelism)",
+            matches=diffusers.is_diffusers_cp,
+            patch=diffusers.patch_diffusers,
+            unpatch=diffusers.unpatch_diffusers,
         )
     )
 
