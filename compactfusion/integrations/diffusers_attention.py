@@ -216,11 +216,19 @@ def ulysses_attention(state: DiffusersState, ctx, call: AttentionCall):
 # --------------------------------------------------------------------------------------------
 # The replacement classes and the reference-counted swap of the module globals
 # --------------------------------------------------------------------------------------------
+# Under torch.compile the replacements run eagerly: the compressed exchange (payload headers,
+# host reads, ContextVar lookups) is not traceable yet, and tracing into it fragments the graph
+# and recompiles on every new header. So each context-parallel attention call is one graph
+# break while a model is patched; unpatched, diffusers' own classes are back and compile whole.
+_eager = torch.compiler.disable
+
+
 def _ring_class(base: type) -> type:
     class CompactRingAttention(base):
         """diffusers' ring attention; compressed while a patched pipeline runs."""
 
         @staticmethod
+        @_eager
         def forward(ctx, *args):
             call = AttentionCall(*args)
             state = _state_for(call.parallel_config)
@@ -239,6 +247,7 @@ def _ulysses_class(base: type) -> type:
         """diffusers' Ulysses attention; compressed while a patched pipeline runs."""
 
         @staticmethod
+        @_eager
         def forward(ctx, *args):
             call = AttentionCall(*args)
             state = _state_for(call.parallel_config)
@@ -254,6 +263,7 @@ def _seq_all_to_all_class(base: type) -> type:
         """The unified mode's Ulysses all-to-all; compressed while a patched pipeline runs."""
 
         @staticmethod
+        @_eager
         def forward(ctx, group, input, scatter_id=2, gather_id=1):
             state = tracking.active_state()
             if (
