@@ -72,14 +72,14 @@ def _two_rank_checks(rank, world, out_dir):
     res: dict = {}
 
     # Every model x layout: raw == unpatched, int2 close but not exact, unpatch exact.
-    pipes = {}
+    pipes, plains = {}, {}
     for kind in KINDS:
         for layout in LAYOUTS:
             name = f"{kind}_{'_'.join(layout)}"
             pipe = enable_context_parallel(build_diffusers_pipeline(kind), **layout)
             pipes[name] = pipe
             cfg = kind in CFG_KINDS
-            plain = generate_diffusers(pipe, kind, cfg=cfg)
+            plain = plains[name] = generate_diffusers(pipe, kind, cfg=cfg)
             with cf.patched(pipe, raw):
                 res[f"{name}/raw"] = rel(generate_diffusers(pipe, kind, cfg=cfg), plain)
             with cf.patched(pipe, int2):
@@ -150,6 +150,34 @@ def _two_rank_checks(rank, world, out_dir):
     cf.unpatch(pipe.transformer)
     res["model_unpatched_equal"] = torch.equal(generate_diffusers(pipe, "wan", cfg=True), plain)
 
+    # Two pipelines patched at once share the swapped classes (reference counted); a third,
+    # unpatched pipeline in the same process runs diffusers' own code path; unpatch restores
+    # diffusers' classes, the pipeline class and the transformer.
+    from diffusers.models import attention_dispatch
+
+    names = ("TemplatedRingAttention", "TemplatedUlyssesAttention", "SeqAllToAllDim")
+    originals = [getattr(attention_dispatch, n) for n in names]
+    a, b = pipes["flux_ring"], pipes["flux_ulysses"]
+    pipe_class = type(a)
+    cf.patch(a, int2)
+    cf.patch(b, raw)
+    res["swapped"] = all(
+        getattr(attention_dispatch, n) is not o for n, o in zip(names, originals, strict=True)
+    )
+    res["other_pipe_untouched"] = torch.equal(
+        generate_diffusers(pipes["flux2_ring"], "flux2"), plains["flux2_ring"]
+    )
+    cf.unpatch(a)
+    out = generate_diffusers(b, "flux")
+    res["second_still_patched"] = (rel(out, plains["flux_ulysses"]), cf.stats(b)["steps"])
+    cf.unpatch(b)
+    res["restored"] = (
+        [getattr(attention_dispatch, n) for n in names] == originals
+        and type(a) is pipe_class
+        and not any(hasattr(p.transformer, "_compactfusion_owner") for p in (a, b))
+        and not any("cache_context" in vars(p.transformer) for p in (a, b))
+    )
+
     # Ranks configured differently fail with the same clear error on every rank.
     pipe = pipes["qwenimage_ring"]
     try:
@@ -201,6 +229,8 @@ def test_diffusers_context_parallel_two_ranks(tmp_path):
         assert 1e-6 < res["model_int2"] < LOSSY_INT2
         assert res["model_branches"] == ["cond", "uncond"]
         assert res["model_unpatched_equal"] is True
+        assert res["swapped"] and res["other_pipe_untouched"] and res["restored"], res
+        assert res["second_still_patched"] == (0.0, 3), res  # raw Ulysses: bit-exact
         assert "differs across ranks" in res["mismatch"]
         example = res["example"]  # tiny bf16 FLUX, 4 heads x 64, 64x64 px, 2 steps
         assert example["ring"] == 2 and example["ratio_after_warmup"] >= 7.0, example

@@ -35,11 +35,11 @@ def find_adapter(pipe: Any) -> Adapter:
     hint = ""
     if any(c.__module__.startswith("diffusers") for c in type(pipe).__mro__):
         hint = (
-            " It is a diffusers pipeline (or model) without context parallelism. Either enable "
-            "diffusers' own, pipe.transformer.enable_parallelism(config=ContextParallelConfig("
-            "ring_degree=N)) (or ulysses_degree=N), or wrap it in xfuser (e.g. "
-            "xFuserFluxPipeline.from_pretrained(..., engine_config=...)) with ring_degree or "
-            "ulysses_degree > 1."
+            " It is a plain diffusers pipeline (or model) without context parallelism. Either "
+            "enable diffusers' own: pipe.transformer.enable_parallelism(config="
+            "ContextParallelConfig(ring_degree=N)) (or ulysses_degree=N), or wrap it in xfuser "
+            "(e.g. xFuserFluxPipeline.from_pretrained(..., engine_config=...)) with "
+            "ring_degree or ulysses_degree > 1."
         )
     supported = ", ".join(a.name for a in _ADAPTERS)
     raise TypeError(f"compactfusion cannot patch a {kind}; supported: {supported}.{hint}")
