@@ -93,6 +93,16 @@ def _two_rank_checks(rank, world, out_dir):
             res[f"{name}/layers"] = sorted({site[0] for site in sites})
             res[f"{name}/site_kinds"] = sorted({site[1] for site in sites})
 
+    # Wan 2.2-style two-stage pipeline: both transformers patched, layer names prefixed.
+    pipe = enable_context_parallel(build_diffusers_pipeline("wan", two_stage=True), ring=2)
+    plain = generate_diffusers(pipe, "wan", steps=4, cfg=True)
+    with cf.patched(pipe, raw):
+        res["wan22_raw"] = rel(generate_diffusers(pipe, "wan", steps=4, cfg=True), plain)
+    with cf.patched(pipe, int2):
+        res["wan22_int2"] = rel(generate_diffusers(pipe, "wan", steps=4, cfg=True), plain)
+        layers = {ast.literal_eval(k)[0][0] for k in cf.stats(pipe)["sites"]}
+    res["wan22_components"] = sorted({layer.split(".")[0] for layer in layers})
+
     # Ring relay and stale modes on FLUX ring=2.
     pipe = pipes["flux_ring"]
     plain = generate_diffusers(pipe, "flux")
@@ -209,6 +219,8 @@ def test_diffusers_context_parallel_two_ranks(tmp_path):
                     branches = {layer.split("@")[-1] for layer in res[f"{name}/layers"]}
                     assert branches == {"cond", "uncond"}, (name, res[f"{name}/layers"])
         assert res["flux_ulysses/raw"] == 0.0  # same values in the same layout
+        assert res["wan22_raw"] < EXACT and 1e-6 < res["wan22_int2"] < LOSSY_INT2, res
+        assert res["wan22_components"] == ["transformer", "transformer_2"], res
         assert res["mode_ring_raw"] < EXACT and res["mode_stale_raw"] > 1e-4, res  # stale K/V
         assert 1e-6 < res["mode_ring_int2"] < LOSSY_INT2, res
         assert 0 < res["mode_stale_int2"] < 0.05 + LOSSY_INT2, res

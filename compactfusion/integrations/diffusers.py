@@ -129,8 +129,10 @@ def _log_uncompressed_modes(state: DiffusersState, targets) -> None:
                     flag,
                 )
     if state.config.mode != "allgather" and state.ring_world == 1:
-        logger.info(
-            "compactfusion: mode=%r has no effect without ring attention", state.config.mode
+        logger.warning(
+            "compactfusion: mode=%r has no effect without ring attention (Ulysses all-to-alls "
+            "are compressed as they are)",
+            state.config.mode,
         )
 
 

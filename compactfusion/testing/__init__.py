@@ -29,6 +29,7 @@ from compactfusion.testing.tiny_pipelines import (
     tiny_pixart,
     tiny_sd3,
 )
+from compactfusion.testing.wire import counting_sent_bytes
 from compactfusion.testing.xfuser_cpu import prepare_xfuser_cpu
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "build_diffusers_pipeline",
     "build_engine_config",
     "build_pipeline",
+    "counting_sent_bytes",
     "destroy_xfuser_distributed",
     "enable_context_parallel",
     "free_port",

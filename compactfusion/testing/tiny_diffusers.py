@@ -46,32 +46,39 @@ def tiny_wan(
     head_dim: int = 16,
     num_layers: int = 2,
     text_dim: int = 32,
+    two_stage: bool = False,
 ):
     """A diffusers ``WanPipeline`` (text to video) with a tiny random transformer, no VAE.
 
     Without a VAE the pipeline assumes Wan's factors (8 spatial, 4 temporal): 64x64 px and 5
     frames are 2 latent frames of 8x8, i.e. 2 x 4 x 4 = 32 tokens after the 1x2x2 patches.
+    With ``two_stage`` it is a Wan 2.2-style pipeline: a second transformer
+    (``transformer_2``) denoises the low-noise half (``boundary_ratio=0.5``).
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=heads,
-        attention_head_dim=head_dim,
-        in_channels=4,
-        out_channels=4,
-        text_dim=text_dim,
-        freq_dim=32,
-        ffn_dim=64,
-        num_layers=num_layers,
-        rope_max_seq_len=32,
-    )
+    def transformer():
+        return WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=heads,
+            attention_head_dim=head_dim,
+            in_channels=4,
+            out_channels=4,
+            text_dim=text_dim,
+            freq_dim=32,
+            ffn_dim=64,
+            num_layers=num_layers,
+            rope_max_seq_len=32,
+        )
+
     pipe = WanPipeline(
         tokenizer=None,
         text_encoder=None,
         vae=None,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        transformer=transformer,
+        transformer=transformer(),
+        transformer_2=transformer() if two_stage else None,
+        boundary_ratio=0.5 if two_stage else None,
     )
     return _finish(pipe, dtype)
 
@@ -133,7 +140,7 @@ def tiny_flux2(
     """A diffusers ``Flux2Pipeline`` with a tiny random transformer and a tiny VAE (the
     pipeline reads the VAE's dtype; it is not run with ``output_type="latent"``).
 
-    The VAE has spatial factor 2: 32x32 px are 8x8 latents, 4x4 = 16 packed image tokens.
+    The VAE has spatial factor 2: 32x32 px are 16x16 latents, 8x8 = 64 packed image tokens.
     """
     from diffusers import (
         AutoencoderKLFlux2,
@@ -213,7 +220,8 @@ def build_diffusers_pipeline(kind: str, **kwargs: Any):
 
 
 def enable_context_parallel(pipe, ring: int = 1, ulysses: int = 1, backend: str | None = None):
-    """``pipe.transformer.enable_parallelism(ContextParallelConfig(ring, ulysses))``.
+    """``enable_parallelism(ContextParallelConfig(ring, ulysses))`` on ``pipe.transformer``
+    (and ``pipe.transformer_2`` when there is one).
 
     ``backend`` defaults to ``"_native_flash"`` when ``ring > 1`` (ring attention needs an op
     returning the log-sum-exp; on CPU see :func:`~compactfusion.testing.prepare_diffusers_cpu`)
@@ -223,11 +231,15 @@ def enable_context_parallel(pipe, ring: int = 1, ulysses: int = 1, backend: str 
 
     if backend is None and ring > 1:
         backend = "_native_flash"
-    if backend is not None:
-        pipe.transformer.set_attention_backend(backend)
-    pipe.transformer.enable_parallelism(
-        config=ContextParallelConfig(ring_degree=ring, ulysses_degree=ulysses)
-    )
+    for name in ("transformer", "transformer_2"):
+        model = getattr(pipe, name, None)
+        if model is None:
+            continue
+        if backend is not None:
+            model.set_attention_backend(backend)
+        model.enable_parallelism(
+            config=ContextParallelConfig(ring_degree=ring, ulysses_degree=ulysses)
+        )
     return pipe
 
 
