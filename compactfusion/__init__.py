@@ -5,13 +5,15 @@ that ranks exchange, compactfusion sends a compressed residual against a base th
 receiver share, with error feedback. Entry points:
 
 - ``compactfusion.patch(pipe, config)`` / ``unpatch`` / ``patched`` / ``stats``: compress an
-  xDiT (xfuser) pipeline's ring attention, patch parallelism and Ulysses traffic.
+  xDiT (xfuser) pipeline's ring attention, patch parallelism and Ulysses traffic, or that of
+  diffusers' own context parallelism (``enable_parallelism``); ``generation`` marks the
+  generations of a patched diffusers transformer run from your own loop.
 - ``CompactConfig``: all settings (codec, warm-up, policy, mode), with named presets.
 - ``ResidualCompressor``: the per-site residual state, usable on its own.
 - ``compactfusion.codecs.get_codec``: the codecs (raw, fp8, int2, int1, nm_sparse, lowrank).
 """
 
-from .api import is_patched, patch, patched, stats, unpatch
+from .api import generation, is_patched, patch, patched, stats, unpatch
 from .codecs import PayloadError, available_codecs, get_codec
 from .collectives import ConfigMismatchError
 from .config import PRESETS, CompactConfig
@@ -26,6 +28,7 @@ __all__ = [
     "PayloadError",
     "ResidualCompressor",
     "available_codecs",
+    "generation",
     "get_codec",
     "is_patched",
     "patch",

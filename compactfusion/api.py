@@ -1,4 +1,5 @@
-"""Public API: ``patch``, ``unpatch``, ``is_patched``, ``stats`` and ``patched``."""
+"""Public API: ``patch``, ``unpatch``, ``is_patched``, ``stats``, ``patched`` and
+``generation``."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 from .config import CompactConfig
 from .integrations import find_adapter
+from .integrations.generation import generation_of
 from .integrations.state import STATE_ATTR
 
 
@@ -25,6 +27,10 @@ def _as_config(config: CompactConfig | str | None) -> CompactConfig:
 
 def patch(pipe: Any, config: CompactConfig | str | None = None) -> Any:
     """Compress the activations ``pipe``'s ranks exchange; returns ``pipe``.
+
+    ``pipe`` is an xfuser (xDiT) pipeline, or a diffusers pipeline whose transformer has
+    diffusers' own context parallelism enabled (``enable_parallelism``), or such a diffusers
+    transformer itself (then mark each generation with :func:`generation`).
 
     ``config`` is a :class:`CompactConfig`, a preset name (``"int2"``, ``"int1"``, ``"fp8"``,
     ``"lowrank"``, ``"sparse"``, ``"off"``) or None for the ``int2`` preset. Patching is per
@@ -74,3 +80,23 @@ def patched(pipe: Any, config: CompactConfig | str | None = None) -> Iterator[An
         yield pipe
     finally:
         unpatch(pipe)
+
+
+@contextlib.contextmanager
+def generation(model: Any) -> Iterator[Any]:
+    """One generation of a patched model that you call from your own denoising loop::
+
+        compactfusion.patch(transformer)          # diffusers model with enable_parallelism
+        with compactfusion.generation(transformer):
+            for t in timesteps:
+                noise = transformer(latents, timestep=t, ...)
+
+    On entry the configs are checked across ranks (first time only) and the bases of the
+    previous generation are forgotten; compression is active inside the block. Every rank
+    must enter it. A patched pipeline marks its generations itself (each call is one).
+    """
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        raise ValueError("this model is not patched by compactfusion")
+    with generation_of(state):
+        yield model

@@ -32,12 +32,21 @@ def find_adapter(pipe: Any) -> Adapter:
         if adapter.matches(pipe):
             return adapter
     kind = type(pipe).__name__
+    hint = ""
+    if any(c.__module__.startswith("diffusers") for c in type(pipe).__mro__):
+        hint = (
+            " It is a plain diffusers pipeline (or model) without context parallelism. Either "
+            "enable diffusers' own: pipe.transformer.enable_parallelism(config="
+            "ContextParallelConfig(ring_degree=N)) (or ulysses_degree=N), or wrap it in xfuser "
+            "(e.g. xFuserFluxPipeline.from_pretrained(..., engine_config=...)) with "
+            "ring_degree or ulysses_degree > 1."
+        )
     supported = ", ".join(a.name for a in _ADAPTERS)
-    raise TypeError(f"compactfusion cannot patch a {kind}; supported: {supported}")
+    raise TypeError(f"compactfusion cannot patch a {kind}; supported: {supported}.{hint}")
 
 
 def _register_builtin() -> None:
-    from . import xdit, xdit_runner
+    from . import diffusers, xdit, xdit_runner
 
     register_adapter(
         Adapter(
@@ -54,6 +63,16 @@ def _register_builtin() -> None:
             matches=xdit_runner.matches,
             patch=xdit_runner.patch,
             unpatch=xdit_runner.unpatch,
+        )
+    )
+    # Tried first (later registrations are): the runner adapter answers for every other
+    # diffusers pipeline and refuses those whose attention does not go through xfuser.
+    register_adapter(
+        Adapter(
+            name="diffusers pipelines and models with context parallelism (enable_parallelism)",
+            matches=diffusers.is_diffusers_cp,
+            patch=diffusers.patch_diffusers,
+            unpatch=diffusers.unpatch_diffusers,
         )
     )
 

@@ -104,7 +104,9 @@ def transformers_of(pipe: Any) -> list[tuple[str, torch.nn.Module]]:
             "transformer's attention does not go through xfuser's USP (no xfuser attention "
             "processor found). Build the transformer with xfuser's wrapper (e.g. "
             "xFuserWanTransformer3DWrapper, as xfuser's model runner does) or wrap the pipeline "
-            "in xfuser (e.g. xFuserFluxPipeline) with ring_degree or ulysses_degree > 1."
+            "in xfuser (e.g. xFuserFluxPipeline) with ring_degree or ulysses_degree > 1, or "
+            "enable diffusers' own context parallelism (pipe.transformer.enable_parallelism("
+            "config=ContextParallelConfig(ring_degree=N)), which compactfusion patches too)."
         )
     return usp_found
 
