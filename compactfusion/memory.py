@@ -237,22 +237,23 @@ class BaseStore:
         self._warned_small = False
 
     # --- the one entry point ------------------------------------------------------------------
-    def keep(self, key: Hashable, old, value: torch.Tensor | None):
-        """What a site of ``key`` stores when its base becomes ``value`` (None: no base)."""
-        stored = None if value is None else self._convert(key, old, value)
+    def keep(self, key: Hashable, old, value: torch.Tensor | None, copy: bool = False):
+        """What a site of ``key`` stores when its base becomes ``value`` (None: no base);
+        ``copy``: ``value`` belongs to the caller, so a full-precision base is a copy of it."""
+        stored = None if value is None else self._convert(key, old, value, copy)
         self.base_bytes += stored_nbytes(stored) - stored_nbytes(old)
         if self.base_bytes > self.peak_base_bytes:
             self.peak_base_bytes = self.base_bytes
         return stored
 
-    def _convert(self, key, old, value: torch.Tensor):
+    def _convert(self, key, old, value: torch.Tensor, copy: bool):
         same_layout = (
             old is not None and tuple(old.shape) == tuple(value.shape) and old.dtype == value.dtype
         )
         if not same_layout and not self._admit(key, tuple(value.shape), value.dtype):
             return None
         if self.storage == "full":
-            return value
+            return value.clone() if copy else value
         return compact(value, self.storage)
 
     def _admit(self, key: Hashable, shape: tuple[int, ...], dtype: torch.dtype) -> bool:

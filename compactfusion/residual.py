@@ -90,6 +90,11 @@ class _Site:
     def base(self, value: torch.Tensor | None) -> None:
         self._base = self.store.keep(self.key, self._base, value)
 
+    def keep_copy(self, x: torch.Tensor) -> None:
+        """Make ``x`` the base, copied only if it is kept at full precision (``x`` belongs to
+        the caller); refused and compact sites copy nothing."""
+        self._base = self.store.keep(self.key, self._base, x, copy=True)
+
     def full_base(self) -> torch.Tensor | None:
         """The base as a tensor of the activation dtype (a new one when stored compact)."""
         return dequantized(self._base)
@@ -202,7 +207,7 @@ class ResidualCompressor:
             )
         if payload is None:
             payload = self._raw.encode(x)
-            site.base = x.detach().clone()
+            site.keep_copy(x.detach())
             site.calls += 1
             site.base_ok = bool(_max_abs(x) <= MAX_MAGNITUDE)
             site.stats.raw_sends += 1
