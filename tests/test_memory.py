@@ -281,3 +281,27 @@ def test_estimates_against_hand_computation():
     assert d.base_bytes == 0 and d.held_bytes == full_kv
     with pytest.raises(ValueError, match="mode"):
         estimate(flux, "pipefusion", 2)
+
+
+def test_base_storage_benchmark_synthetic_smoke(tmp_path):
+    import csv
+    import importlib.util
+    import os
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(
+        "cf_bench_base_storage", os.path.join(root, "benchmarks", "base_storage.py")
+    )
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    paths = bench.main(["--skip-flux", "--synthetic-steps", "8", "--out", str(tmp_path)])
+    with open(paths["csv"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["codec"], r["storage"]) for r in rows} == {
+        (c, s) for c in bench.CODECS for s in ("full", "int8", "fp8")
+    }
+    assert len(rows) == 8 * 6 and float(rows[0]["kv_rel_err"]) == 0.0  # warm-up: exact
+    text = open(paths["md"]).read()
+    assert "| synthetic (512x256 bf16) | int2 | int8 |" in text and "133120" in text
