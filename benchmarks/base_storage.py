@@ -192,7 +192,7 @@ def main(argv=None) -> dict[str, str]:
                  "kv_rel_err": f"{e:.6g}", **stamp}
                 for i, e in enumerate(r["errs"])
             ]  # fmt: skip
-            summary.append({"source": "tiny-flux (ring 2, bf16)", **r})
+            summary.append({"source": "tiny-flux (2 ranks, allgather, bf16)", **r})
     os.makedirs(args.out, exist_ok=True)
     paths = {
         "csv": os.path.join(args.out, "base_storage.csv"),
