@@ -65,7 +65,9 @@ def is_patched(pipe: Any) -> bool:
 
 def stats(pipe: Any) -> dict[str, Any]:
     """This rank's statistics for the latest generation of a patched pipeline (plain dict):
-    bytes sent per step, raw bytes they replace, ratio, seconds per step, per-site detail."""
+    bytes sent per step, raw bytes they replace, ratio, seconds per step, per-site detail, and
+    base memory (``base_bytes``, ``peak_base_bytes``, ``held_bytes``, ``raw_by_budget``; see
+    ``compactfusion.memory``)."""
     state = getattr(pipe, STATE_ATTR, None)
     if state is None:
         raise ValueError("this pipeline is not patched by compactfusion")

@@ -14,6 +14,7 @@ from typing import Any
 from .codecs import available_codecs, get_codec
 
 MODES = ("allgather", "ring", "stale")
+BASE_STORAGES = ("full", "int8", "fp8")  # compactfusion.memory implements them
 POLICIES = ("always", "auto")
 BACKENDS = ("auto", "torch", "triton")
 LINK_HINTS: dict[str, float] = {
@@ -115,6 +116,17 @@ class CompactConfig:
             ``"ethernet"`` or a bandwidth in GB/s.
         backend: ``"auto"`` (Triton kernels for CUDA tensors, torch otherwise), ``"torch"``
             or ``"triton"``. The environment variable ``COMPACTFUSION_BACKEND`` overrides it.
+        max_base_bytes: per-rank cap on the memory the bases hold (None: no cap). Logical
+            sites (one attention layer's K/V exchange, one Ulysses all-to-all) are admitted in
+            order of first use while their whole footprint on this rank fits; the others are
+            sent raw and keep no base. Decided identically on every rank, again each
+            generation (same order, same result); the raw sites are logged once and listed
+            in ``stats()["raw_by_budget"]``. See ``compactfusion.memory``.
+        base_storage: how bases are stored: ``"full"`` (the activation's dtype, exact),
+            ``"int8"`` or ``"fp8"`` (8-bit codes, one power-of-two scale per 256 values:
+            about half of bf16). Sender and receivers round the reconstruction identically,
+            so bases stay bit-identical and the rounding is corrected at the next step; the
+            attention reads the reconstruction before rounding.
     """
 
     codec: str = "int2"
@@ -129,6 +141,8 @@ class CompactConfig:
     policy: str = "always"
     link: str | float | None = None
     backend: str = "auto"
+    max_base_bytes: int | None = None
+    base_storage: str = "full"
 
     def __post_init__(self) -> None:
         if self.codec not in available_codecs():
@@ -158,6 +172,19 @@ class CompactConfig:
             raise ValueError('link: policy="auto" needs a link hint (e.g. "pcie" or 25.0 GB/s)')
         if self.link is not None:
             self.link_bandwidth_gbps()  # validates
+        if self.max_base_bytes is not None and (
+            isinstance(self.max_base_bytes, bool)
+            or not isinstance(self.max_base_bytes, int)
+            or self.max_base_bytes <= 0
+        ):
+            raise ValueError(
+                f"max_base_bytes: must be a positive integer (bytes per rank) or None, got "
+                f"{self.max_base_bytes!r}"
+            )
+        if self.base_storage not in BASE_STORAGES:
+            raise ValueError(
+                f"base_storage: must be one of {BASE_STORAGES}, got {self.base_storage!r}"
+            )
         if not self.residual and not self.error_feedback:
             raise ValueError(
                 "error_feedback: must stay True when residual=False (there is no base to "

@@ -11,6 +11,12 @@ Because the base is the *reconstruction*, whatever a codec got wrong this step i
 next step's residual (error feedback), so quantization errors do not accumulate. The first
 ``warmup_steps`` calls of a site, calls with a new shape or dtype, sites smaller than
 ``min_numel`` and sites the policy declines are sent raw, which also sets the base exactly.
+
+Every base is assigned through a :class:`~compactfusion.memory.BaseStore`, which counts its
+bytes, applies ``max_base_bytes`` (a refused site keeps no base, so it is always sent raw) and
+stores it in ``base_storage`` format (see ``compactfusion.memory``). Blocks that can never be
+sent compressed (lossless codec, below ``min_numel``, declined by the ``auto`` policy) keep no
+base either.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from .backend import resolve_backend
 from .codecs import NonFiniteInput, PayloadError, decode_header, get_codec
 from .codecs.base import check_fits
 from .config import CompactConfig
+from .memory import BaseStore, CompactBase, Footprint, dequantized, stored_nbytes
 from .policy import worth_compressing
 
 logger = logging.getLogger(__name__)
@@ -61,13 +68,36 @@ class SiteStats:
         return d
 
 
-@dataclass
 class _Site:
-    stats: SiteStats
-    base: torch.Tensor | None = None
-    codec_state: Any = None
-    calls: int = 0  # calls since the base was (re)started
-    base_ok: bool = True  # the base is finite and within +-MAX_MAGNITUDE (see encode)
+    """One site's state. Assigning ``base`` goes through the compressor's ``BaseStore``: it
+    may keep nothing (budget), a compact copy (``base_storage``) or the tensor itself, so
+    ``site.base`` reads back what is stored; :meth:`full_base` is the tensor to compute with."""
+
+    __slots__ = ("_base", "base_ok", "calls", "codec_state", "key", "stats", "store")
+
+    def __init__(self, key: Hashable, stats: SiteStats, store: BaseStore):
+        self.key, self.stats, self.store = key, stats, store
+        self._base: torch.Tensor | CompactBase | None = None
+        self.codec_state: Any = None
+        self.calls = 0  # calls since the base was (re)started
+        self.base_ok = True  # the base is finite and within +-MAX_MAGNITUDE (see encode)
+
+    @property
+    def base(self) -> torch.Tensor | CompactBase | None:
+        return self._base
+
+    @base.setter
+    def base(self, value: torch.Tensor | None) -> None:
+        self._base = self.store.keep(self.key, self._base, value)
+
+    def keep_copy(self, x: torch.Tensor) -> None:
+        """Make ``x`` the base, copied only if it is kept at full precision (``x`` belongs to
+        the caller); refused and compact sites copy nothing."""
+        self._base = self.store.keep(self.key, self._base, x, copy=True)
+
+    def full_base(self) -> torch.Tensor | None:
+        """The base as a tensor of the activation dtype (a new one when stored compact)."""
+        return dequantized(self._base)
 
 
 @dataclass
@@ -91,6 +121,18 @@ class ResidualCompressor:
         self._raw = get_codec("raw")
         self._sites: dict[Hashable, _Site] = {}
         self._warned: set[str] = set()
+        self.store = BaseStore(
+            self.config.max_base_bytes,
+            self.config.base_storage,
+            never_compressed=self.never_compresses,
+        )
+
+    def set_footprint(self, footprint: Footprint) -> None:
+        """How block keys group into logical sites for ``max_base_bytes`` (see
+        ``compactfusion.memory``): ``footprint(key) -> (logical site, blocks kept per rank)``.
+        The default treats every key as its own site of one block; collectives need
+        ``memory.exchange_footprint``. Set it before the first call."""
+        self.store.footprint = footprint
 
     # --- decisions --------------------------------------------------------------------------
     def will_compress(self, key: Hashable, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
@@ -115,6 +157,20 @@ class ResidualCompressor:
                 self.codec, shape, dtype, cfg.link_bandwidth_gbps(), device_type
             )
         return True
+
+    def never_compresses(self, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
+        """Whether a block of this shape and dtype is always sent raw whatever its history
+        (lossless codec, below ``min_numel``, declined by the ``auto`` policy): it needs no
+        base."""
+        cfg = self.config
+        if self.codec.lossless or math.prod(shape) < cfg.min_numel:
+            return True
+        if cfg.policy == "auto":
+            device_type = "cuda" if torch.cuda.is_available() else "cpu"
+            return not worth_compressing(
+                self.codec, shape, dtype, cfg.link_bandwidth_gbps(), device_type
+            )
+        return False
 
     def payload_nbytes(self, key: Hashable, shape: tuple[int, ...], dtype: torch.dtype) -> int:
         """Size of the next payload ``encode(key, x)`` returns for finite ``x``."""
@@ -151,7 +207,7 @@ class ResidualCompressor:
             )
         if payload is None:
             payload = self._raw.encode(x)
-            site.base = x.detach().clone()
+            site.keep_copy(x.detach())
             site.calls += 1
             site.base_ok = bool(_max_abs(x) <= MAX_MAGNITUDE)
             site.stats.raw_sends += 1
@@ -175,7 +231,7 @@ class ResidualCompressor:
         return payload, new_base
 
     def _encode_residual(self, site: _Site, x: torch.Tensor):
-        base = site.base
+        base = site.full_base()
         if resolve_backend(self.config.backend, x.device) == "triton":
             from . import kernels
 
@@ -215,7 +271,7 @@ class ResidualCompressor:
         codec_id, dtype, shape, _, hdr = decode_header(payload, header)
         site = self._sites.get(key)
         if site is None:
-            site = self._sites[key] = _Site(SiteStats("recv"))
+            site = self._sites[key] = _Site(key, SiteStats("recv"), self.store)
         if codec_id == self._raw.codec_id:
             nbytes = math.prod(shape) * dtype.itemsize
             if payload.numel() != self._raw.payload_nbytes(shape, dtype):
@@ -227,7 +283,7 @@ class ResidualCompressor:
             restarted = site.base is None or (
                 tuple(site.base.shape) != tuple(shape) or site.base.dtype != dtype
             )
-            site.base = value
+            site.base = value  # kept as stored by the BaseStore; ``value`` is returned
             site.calls = 1 if restarted else site.calls + 1
             site.stats.raw_sends += 1
         elif codec_id != self.codec.codec_id:
@@ -238,13 +294,14 @@ class ResidualCompressor:
         else:
             if site.base is None and self.config.residual:
                 raise PayloadError(f"site {key!r}: compressed payload arrived before any base")
-            site.base = self._decode_compressed(site, payload, shape, dtype, out)
+            value = self._decode_compressed(site, payload, shape, dtype, out)
+            site.base = value
             site.calls += 1
         site.stats.shape, site.stats.dtype = tuple(shape), str(dtype).replace("torch.", "")
         site.stats.calls += 1
         site.stats.raw_bytes += math.prod(shape) * dtype.itemsize
         site.stats.payload_bytes += payload.numel()
-        return site.base
+        return value
 
     def _decode_compressed(self, site, payload, shape, dtype, out):
         if not self.config.residual:
@@ -252,7 +309,7 @@ class ResidualCompressor:
             if out is None:
                 return value
             return out.copy_(value.reshape(out.shape))
-        base = site.base
+        base = site.full_base()
         if tuple(base.shape) != tuple(shape) or base.dtype != dtype:
             raise PayloadError(
                 f"payload shape {tuple(shape)} {dtype} does not match the base "
@@ -270,19 +327,31 @@ class ResidualCompressor:
 
     # --- bookkeeping --------------------------------------------------------------------------
     def base(self, key: Hashable) -> torch.Tensor | None:
-        """The current base of a site (None before its first call)."""
+        """The current base of a site as a tensor of the activation dtype (dequantized when
+        stored compact); None before its first call and for sites that keep no base."""
+        site = self._sites.get(key)
+        return None if site is None else site.full_base()
+
+    def stored_base(self, key: Hashable) -> torch.Tensor | CompactBase | None:
+        """The base of a site as it is stored (a ``CompactBase`` with compact storage)."""
         site = self._sites.get(key)
         return None if site is None else site.base
 
+    def stored_bases(self) -> dict[Hashable, torch.Tensor | CompactBase]:
+        """Every base held now, by site key."""
+        return {k: s.base for k, s in self._sites.items() if s.base is not None}
+
     def reset(self) -> None:
-        """Forget all bases and codec states (keeps the statistics)."""
+        """Forget all bases, codec states and budget decisions (keeps the statistics)."""
         for site in self._sites.values():
             site.base, site.codec_state, site.calls = None, None, 0
+        self.store.reset()
 
     def reset_stats(self) -> None:
-        """Zero all counters (bases are kept)."""
+        """Zero all counters (bases are kept; the peak restarts from the bytes held now)."""
         for site in self._sites.values():
             site.stats = SiteStats(site.stats.role)
+        self.store.reset_peak()
 
     def sent_bytes(self) -> tuple[int, int]:
         """``(payload bytes, raw bytes)`` this compressor has sent (cheap: no per-site dict)."""
@@ -291,7 +360,10 @@ class ResidualCompressor:
 
     def stats(self) -> dict[str, Any]:
         """Plain-dict statistics: per site and totals (bytes, ratio, calls, raw sends)."""
-        sites = {repr(k): s.stats.as_dict() for k, s in self._sites.items()}
+        sites = {
+            repr(k): {**s.stats.as_dict(), "base_bytes": stored_nbytes(s.base)}
+            for k, s in self._sites.items()
+        }
         total = SiteStats("all")
         for s in self._sites.values():
             for name in ("calls", "raw_bytes", "payload_bytes", "raw_sends"):
@@ -302,13 +374,28 @@ class ResidualCompressor:
         del out["role"], out["shape"], out["dtype"]
         out["sent_payload_bytes"], out["sent_raw_bytes"] = self.sent_bytes()
         out["codec"] = self.codec.describe()
+        out.update(self.memory_stats())
         out["sites"] = sites
         return out
+
+    def memory_stats(self) -> dict[str, Any]:
+        """Base memory of this compressor (see ``compactfusion.memory``): ``base_bytes`` held
+        now, ``peak_base_bytes`` since the statistics were reset, the storage format, the
+        budget, the bytes it has reserved and the logical sites it sends raw."""
+        store = self.store
+        return {
+            "base_bytes": store.base_bytes,
+            "peak_base_bytes": store.peak_base_bytes,
+            "base_storage": store.storage,
+            "max_base_bytes": store.max_bytes,
+            "reserved_base_bytes": store.reserved_bytes,
+            "raw_by_budget": [repr(k) for k in store.refused()],
+        }
 
     def _site(self, key: Hashable, role: str, x: torch.Tensor) -> _Site:
         site = self._sites.get(key)
         if site is None:
-            site = self._sites[key] = _Site(SiteStats(role))
+            site = self._sites[key] = _Site(key, SiteStats(role), self.store)
         if site.base is not None and (
             tuple(site.base.shape) != tuple(x.shape) or site.base.dtype != x.dtype
         ):

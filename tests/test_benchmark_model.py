@@ -182,3 +182,27 @@ def test_cli_fast_mode(tmp_path):
     assert all("not measured" in r["compute_source"] for r in rows)
     text = open(paths["md"]).read()
     assert "planning figure" in text and "FLUX.1-dev" in text and "CogVideoX-2b" in text
+    # The base-memory table: every model, mode and storage for the GPU counts asked for.
+    with open(paths["memory_csv"], newline="") as f:
+        mem = list(csv.DictReader(f))
+    assert set(mem[0]) == set(model.MEMORY_FIELDS) and {r["gpus"] for r in mem} == {"2"}
+    assert len(mem) == len(model.MODELS) * (2 * (len(model.MEMORY_MODES) - 1) + 1)
+    assert "computed" in open(paths["memory_md"]).read()
+
+
+def test_memory_rows_follow_the_estimator():
+    from compactfusion.memory import MODELS, estimate
+
+    rows = model.memory_rows([2, 8])
+    wan = MODELS["wan21_14b"]
+    r = next(
+        r for r in rows
+        if (r["model"], r["mode"], r["gpus"], r["storage"]) == (wan.label, "ulysses", 8, "full")
+    )  # fmt: skip
+    assert float(r["base_gb_per_rank"]) == pytest.approx(
+        estimate(wan, "ulysses", 8).base_bytes / 1e9, abs=0.005
+    )
+    # Both guidance branches keep bases: twice the ~27 GB one branch holds on 8 ranks.
+    assert float(r["base_gb_per_rank"]) == pytest.approx(2 * 27.1, rel=0.01)
+    flux = next(r for r in rows if r["model"] == MODELS["flux1"].label and r["mode"] == "ring")
+    assert flux["base_gb_per_rank"] == "3.23" and flux["held_gb_per_rank"] == "3.23"

@@ -19,6 +19,7 @@ import torch
 from ..backend import requested_backend
 from ..collectives import check_consistent
 from ..config import CompactConfig
+from ..memory import CompactBase, exchange_footprint, storage_bytes
 from ..policy import codec_throughput_gbps
 from ..residual import ResidualCompressor
 
@@ -54,6 +55,21 @@ class PipelineState:
     # Bookkeeping of the step in progress.
     _step_start: float = 0.0
     _step_marks: tuple[int, int] = (0, 0)
+
+    def __post_init__(self) -> None:
+        # K/V sites travel over the ring group, all-to-alls over the Ulysses group: that is
+        # how many blocks of each logical site this rank keeps (for max_base_bytes).
+        self.compressor.set_footprint(
+            exchange_footprint(
+                self.ring_world, self.ulysses_world, self.config.mode, self.config.base_storage
+            )
+        )
+
+    def retains_gathered(self, site: Hashable) -> bool:
+        """Whether the gathered K/V buffer of ``site`` must persist to the next step: only
+        when peers' bases live in it (full storage, site admitted). Refused, compact or
+        never-compressed sites keep no buffer, so their memory is released after the call."""
+        return self.config.base_storage == "full" and self.compressor.store.admitted(site)
 
     def new_generation(self) -> None:
         """Forget bases, buffers and per-step statistics (outstanding gathers are waited for)."""
@@ -108,6 +124,7 @@ class PipelineState:
         self.step_branches.append(self.branch)
         self.step_seconds.append(time.perf_counter() - self._step_start)
         self.step += 1
+        self.compressor.store.report()  # logs sites newly sent raw by max_base_bytes, once
 
     def _after_warmup(self) -> tuple[list[int], list[int]]:
         """Bytes and raw bytes of the calls after each branch's warm-up calls (with guidance
@@ -137,8 +154,29 @@ class PipelineState:
             raw_bytes_per_step=list(self.step_raw_bytes),
             seconds_per_step=list(self.step_seconds),
             ratio_after_warmup=(sum(raw_after) / sum(after)) if sum(after) else math.nan,
+            held_bytes=self.held_bytes(),
         )
         return st
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        """Every tensor compactfusion keeps between steps: the bases, the gathered K/V
+        buffers and the stale mode's in-flight gathers (payloads or full K/V)."""
+        tensors: list[torch.Tensor] = []
+        for stored in self.compressor.stored_bases().values():
+            tensors.extend(stored.tensors() if isinstance(stored, CompactBase) else [stored])
+        tensors.extend(self.kv_buffers.values())
+        for entry in self.stale.values():
+            if "buffer" in entry:
+                tensors.append(entry["buffer"])
+            payloads = getattr(entry.get("work"), "payloads", None)
+            if payloads is not None:
+                tensors.append(payloads)
+        return tensors
+
+    def held_bytes(self) -> int:
+        """Bytes of the distinct storages behind :meth:`held_tensors` (a gathered buffer
+        counts once, with the rank's own block in it; codec states are not included)."""
+        return storage_bytes(self.held_tensors())
 
 
 def _sync_device() -> None:

@@ -128,7 +128,8 @@ def allgather_attention(state, layer, attend_fn, query, key, value, group):
     buf_key = (layer, tuple(local.shape), local.dtype)
     buf = state.kv_buffers.get(buf_key)
     gathered = compressed_all_gather(state.compressor, (layer, "kv"), local, group, out=buf)
-    state.kv_buffers[buf_key] = gathered
+    if state.retains_gathered((layer, "kv")):  # peers' bases live in it
+        state.kv_buffers[buf_key] = gathered
     blocks = _decoded_blocks(state, gathered, key, value, dist.get_rank(group))
     return _attend_gathered(attend_fn, query, blocks)
 
@@ -246,10 +247,18 @@ def _stale_gather_compressed(state, layer, local, group, entry, fresh):
     comp, site = state.compressor, (layer, "kv")
     buf_key = (layer, "stale", tuple(local.shape), local.dtype)
     buf = gather_buffer(local, dist.get_world_size(group), state.kv_buffers.get(buf_key))
-    state.kv_buffers[buf_key] = buf
     if entry is not None:
         pending = entry["work"]
         if not fresh and finish_compressed_all_gather(comp, pending, buf):
-            return buf
+            return _retained(state, site, buf_key, buf)
         pending.wait()  # every rank reaches the same decision: all gather raw below
-    return raw_all_gather(comp, site, local, group, buf)
+    return _retained(state, site, buf_key, raw_all_gather(comp, site, local, group, buf))
+
+
+def _retained(state, site, buf_key, buf):
+    """``buf``, kept for the next step only while peers' bases live in it."""
+    if state.retains_gathered(site):
+        state.kv_buffers[buf_key] = buf
+    else:
+        state.kv_buffers.pop(buf_key, None)
+    return buf
