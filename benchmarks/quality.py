@@ -52,6 +52,18 @@ there are enough GPUs, otherwise CPU + gloo, which is very slow) and generates
 and ``lpips`` are installed and their weights are already in the torch hub cache (nothing is
 downloaded; the report says why a metric is missing).
 
+Synthetic trajectory (``--trajectory``): no model and no ranks. The K/V-like generator of
+``compactfusion.testing.trajectory`` (1024 x 3072 bf16, 28 steps; outlier channels, sink
+tokens, spikes, rotating low-rank + dense drift, and a variant with lognormal channel scales
+only) goes through a sender and a receiver ``ResidualCompressor`` (step 0 raw), for int1/int2
+with channel scales (``mean``, the default) and without (``none``, the previous scheme), each
+as naive / no_feedback / feedback; plus two feedback-only experiments that take the channel
+scales from state both sides share instead of sending them (``derived_base``: the per-channel
+mean |base|; ``derived_prev``: of the previous decoded residual), fp8, and lowrank with 1 and
+2 subspace iterations. Writes ``quality_trajectory.csv`` (one row per run),
+``quality_trajectory_steps.csv`` (the receiver's relative error per step), ``.md`` and ``.png``.
+
+    python benchmarks/quality.py --trajectory             # synthetic K/V, ~1-2 min on 2 cores
     python benchmarks/quality.py                          # tiny FLUX, all codecs, CPU
     python benchmarks/quality.py --smoke --out /tmp/q     # seconds-long check (int2 only)
     python benchmarks/quality.py --mode stale             # compressed DistriFusion
@@ -633,6 +645,196 @@ def plot(steps_csv: str, png: str) -> None:
     plt.close(fig)
 
 
+# --------------------------------------------------------------------------------------------
+# Synthetic trajectory (--trajectory)
+# --------------------------------------------------------------------------------------------
+TRAJ_FIELDS = [
+    "data", "codec", "scheme", "variant", "steps", "final_rel_err", "step3_rel_err",
+    "max_rel_err", "mean_rel_err", "bytes_per_step", "wire_ratio", "bases_identical", "device",
+    "torch",
+]  # fmt: skip
+TRAJ_STEP_FIELDS = ["data", "codec", "scheme", "variant", "step", "rel_err"]
+
+
+def _derived_errors(codec, traj, source: str) -> list[float]:
+    """Receiver error per step when int1/int2 take their channel scales from shared state
+    instead of sending them (an experiment: the codecs do not offer it, see the README).
+    ``source``: ``"base"`` (per-channel mean |base|) or ``"prev"`` (of the previous decoded
+    residual; the base at the first compressed step). Sender and receiver compute the same
+    scales from the same bits, so one side is simulated."""
+    base, prev, errors = None, None, []
+    for x in traj:
+        xf = x.float()
+        if base is None:  # step 0 raw
+            base = xf.clone()
+            errors.append(0.0)
+            continue
+        ref = base if source == "base" or prev is None else prev
+        _, _, recon = codec.quantize_with(xf - base, codec.channel_scales(ref))
+        prev = recon
+        base = (base + recon).to(x.dtype).float()
+        errors.append(float((base.double() - xf.double()).norm() / xf.double().norm()))
+    return errors
+
+
+def trajectory_runs(codecs: list[str]) -> list[tuple[str, str, str, dict]]:
+    """``(codec, scheme, variant, CompactConfig overrides)`` of every trajectory run."""
+    runs = []
+    for codec in codecs:
+        if codec in ("int1", "int2"):
+            for scheme in ("mean", "none"):
+                for variant, kw in VARIANTS.items():
+                    params = {"channel_scale": scheme}
+                    runs.append((codec, scheme, variant, {"codec_params": params, **kw}))
+            runs += [
+                (codec, "derived_base", "feedback", {}),
+                (codec, "derived_prev", "feedback", {}),
+            ]
+        elif codec == "lowrank":
+            for iters in (1, 2):
+                params = {"rank": 16, "factor_dtype": "int8", "iters": iters}
+                runs.append((codec, f"iters{iters}", "feedback", {"codec_params": params}))
+        else:
+            runs.append((codec, "default", "feedback", {}))
+    return runs
+
+
+def run_trajectory_benchmark(args) -> dict[str, str]:
+    import compactfusion as cf
+    from compactfusion.testing.trajectory import TrajectoryConfig, kv_trajectory, run_trajectory
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    size = dict(tokens=128, channels=256, steps=6) if args.smoke else {}
+    datas = {
+        "outliers": TrajectoryConfig(**size),
+        "channel_scales_only": TrajectoryConfig.channel_scales_only(**size),
+    }
+    codecs = args.codecs.split(",") if args.codecs else ["int2", "int1", "fp8", "lowrank"]
+    device = f"{cpu_name()} ({os.cpu_count()} cores), no GPU"
+    rows, step_rows = [], []
+    start = time.perf_counter()
+    for data, tcfg in datas.items():
+        traj = list(kv_trajectory(tcfg))
+        raw = 2 * tcfg.tokens * tcfg.channels
+        for codec, scheme, variant, kw in trajectory_runs(codecs):
+            if scheme.startswith("derived"):
+                errors = _derived_errors(cf.codecs.get_codec(codec), traj, scheme[8:])
+                nbytes = cf.codecs.get_codec(codec, channel_scale="none").payload_nbytes(
+                    (tcfg.tokens, tcfg.channels), tcfg.dtype
+                )
+                identical = "n/a"
+            else:
+                cfg = cf.CompactConfig(codec=codec, min_numel=0, backend="torch", **kw)
+                result = run_trajectory(cfg, traj)
+                errors, nbytes = result.errors, max(result.payload_bytes[1:])
+                identical = "yes" if result.bases_identical else "no"
+            rows.append(
+                {
+                    "data": data, "codec": codec, "scheme": scheme, "variant": variant,
+                    "steps": len(errors), "final_rel_err": _f(errors[-1]),
+                    "step3_rel_err": _f(errors[min(3, len(errors) - 1)]),
+                    "max_rel_err": _f(max(errors)),
+                    "mean_rel_err": _f(statistics.fmean(errors[1:])),
+                    "bytes_per_step": nbytes, "wire_ratio": _f(raw / nbytes, 4),
+                    "bases_identical": identical, "device": device, "torch": torch.__version__,
+                }
+            )  # fmt: skip
+            step_rows += [
+                {"data": data, "codec": codec, "scheme": scheme, "variant": variant,
+                 "step": i, "rel_err": _f(e)}
+                for i, e in enumerate(errors)
+            ]  # fmt: skip
+            print(
+                f"{data:20s} {codec:8s} {scheme:13s} {variant:12s} final {errors[-1]:.4f}",
+                flush=True,
+            )
+    wall = time.perf_counter() - start
+    os.makedirs(args.out, exist_ok=True)
+    tag = "trajectory_smoke" if args.smoke else "trajectory"
+    paths = {
+        "csv": os.path.join(args.out, f"quality_{tag}.csv"),
+        "steps_csv": os.path.join(args.out, f"quality_{tag}_steps.csv"),
+        "md": os.path.join(args.out, f"quality_{tag}.md"),
+        "png": os.path.join(args.out, f"quality_{tag}.png"),
+    }
+    for path, fields, data_rows in (
+        (paths["csv"], TRAJ_FIELDS, rows),
+        (paths["steps_csv"], TRAJ_STEP_FIELDS, step_rows),
+    ):
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(data_rows)
+    tc = datas["outliers"]
+    lines = [
+        "## Quality: synthetic K/V trajectory\n",
+        f"Measured by `benchmarks/quality.py --trajectory` on {device}; torch "
+        f"{torch.__version__}; total run {wall:.0f} s. Data: "
+        f"`compactfusion.testing.trajectory`, {tc.tokens}x{tc.channels} {tc.dtype}, {tc.steps} "
+        "steps, seed 0, step 0 raw; `outliers` = the issue 9 statistics, "
+        "`channel_scales_only` = lognormal(0, 0.5) channel scales alone. Errors: the "
+        "receiver's `||recon - x|| / ||x||` (Frobenius). `mean`: sent per-channel scales "
+        "(default); `none`: per-group scales only (previous default); `derived_*`: channel "
+        "scales computed from shared state instead of sent (experiment). Bytes per step "
+        "include headers and scales.\n",
+        "| data | codec | scheme | variant | final err | err at step 3 | max err | mean err "
+        "| bytes/step | ratio vs bf16 | bases identical |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['data']} | {r['codec']} | {r['scheme']} | {r['variant']} "
+            f"| {r['final_rel_err']} | {r['step3_rel_err']} | {r['max_rel_err']} "
+            f"| {r['mean_rel_err']} | {r['bytes_per_step']} | {r['wire_ratio']} "
+            f"| {r['bases_identical']} |"
+        )
+    text = "\n".join(lines) + "\n"
+    with open(paths["md"], "w") as f:
+        f.write(text)
+    plot_trajectory(paths["steps_csv"], paths["png"], device)
+    print(text)
+    print("wrote " + ", ".join(paths.values()))
+    return paths
+
+
+def plot_trajectory(steps_csv: str, png: str, device: str) -> None:
+    """Receiver error per step: one panel per (data, codec), one curve per scheme/variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(steps_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    datas = list(dict.fromkeys(r["data"] for r in rows))
+    codecs = list(dict.fromkeys(r["codec"] for r in rows))
+    fig, axes = plt.subplots(
+        len(datas), len(codecs), figsize=(3.6 * len(codecs), 3.0 * len(datas)), squeeze=False
+    )
+    for i, data in enumerate(datas):
+        for j, codec in enumerate(codecs):
+            ax = axes[i][j]
+            sub = [r for r in rows if r["data"] == data and r["codec"] == codec]
+            for key in dict.fromkeys((r["scheme"], r["variant"]) for r in sub):
+                pts = [
+                    (int(r["step"]), float(r["rel_err"])) for r in sub
+                    if (r["scheme"], r["variant"]) == key and float(r["rel_err"]) > 0
+                ]  # fmt: skip
+                if pts:
+                    style = "-" if key[1] == "feedback" else ":"
+                    ax.plot(*zip(*pts, strict=True), style, marker=".", ms=3, label=" ".join(key))
+            ax.set_yscale("log")
+            ax.set_title(f"{codec}, {data}", fontsize=9)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=5)
+        axes[i][0].set_ylabel("receiver rel. error")
+    fig.suptitle(f"Synthetic K/V trajectory, error per step ({device})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
 def _parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
@@ -659,7 +861,14 @@ def _parse_args(argv=None):
     p.add_argument(
         "--smoke", action="store_true", help="5 steps, 32 px, 4x16 heads, int2 unless --codecs"
     )
+    p.add_argument(
+        "--trajectory",
+        action="store_true",
+        help="synthetic K/V trajectory instead of a model (with --smoke: 128x256, 6 steps)",
+    )
     args = p.parse_args(argv)
+    if args.trajectory:
+        return args, None
     if args.smoke:
         args.codecs = args.codecs or "int2"
         args.steps, args.size, args.head_dim = 5, 32, 16
@@ -677,6 +886,8 @@ def _parse_args(argv=None):
 
 def main(argv=None) -> dict[str, str]:
     args, codecs = _parse_args(argv)
+    if args.trajectory:
+        return run_trajectory_benchmark(args)
     opts = {
         "codecs": codecs,
         "variants": list(VARIANTS),

@@ -250,11 +250,13 @@ class CompactConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
+    # int1/int2 defaults: per-channel scales (channel_scale="mean") times per-token scales of
+    # groups of 256 channels; {"channel_scale": "none"} in codec_params selects group scales only.
     "int1": {"codec": "int1"},
     "int2": {"codec": "int2"},
     "fp8": {"codec": "fp8"},
     # int8 factors: the same error as bf16 on drifting activations, twice the ratio (96x on a
-    # 1024x3072 bf16 FLUX shard instead of 48x).
+    # 1024x3072 bf16 FLUX shard instead of 48x); 2 subspace iterations (the codec default).
     "lowrank": {"codec": "lowrank", "codec_params": {"rank": 16, "factor_dtype": "int8"}},
     "sparse": {"codec": "nm_sparse", "codec_params": {"n": 1, "m": 4}},
     "off": {"codec": "raw"},

@@ -3,7 +3,9 @@
 For ``int1``, ``int2``, ``fp8`` and ``nm_sparse`` and fp32/fp16/bf16 activations:
 
 * the **sender** kernel reads ``x`` and ``base`` once and writes the whole payload (header
-  included) and the updated base ``base + decode(encode(x - base))``;
+  included) and the updated base ``base + decode(encode(x - base))``; ``int1``/``int2`` with
+  channel scales (their default) read ``x`` and ``base`` once more first, for the per-channel
+  mean over the tokens (see ``_grouped.py``);
 * the **receiver** kernel reads the payload and ``base`` once and writes the updated base into
   ``out`` (``base`` itself, or a strided slice of a larger buffer such as a gathered K/V).
 

@@ -103,3 +103,36 @@ def test_quality_smoke(tmp_path, mode):
     int2 = [r for r in summary if r["codec"] == "int2"]
     assert all(float(r["wire_ratio"]) > 5 for r in int2)
     assert all(0 < float(r["ssim"]) <= 1 for r in int2)
+
+
+def test_trajectory_smoke(tmp_path):
+    """``--trajectory --smoke``: the synthetic K/V trajectory, every scheme and ablation, on a
+    128 x 256 shard (no model, no ranks)."""
+    paths = quality.main(
+        ["--trajectory", "--smoke", "--codecs", "int2,fp8", "--out", str(tmp_path)]
+    )
+    columns, rows = _read(paths["csv"])
+    assert columns == set(quality.TRAJ_FIELDS)
+    step_columns, steps = _read(paths["steps_csv"])
+    assert step_columns == set(quality.TRAJ_STEP_FIELDS)
+    for name in ("md", "png"):
+        assert os.path.getsize(paths[name]) > 0
+    keys = {(r["data"], r["codec"], r["scheme"], r["variant"]) for r in rows}
+    for data in ("outliers", "channel_scales_only"):
+        for scheme in ("mean", "none"):
+            for variant in ("naive", "no_feedback", "feedback"):
+                assert (data, "int2", scheme, variant) in keys
+        assert (data, "int2", "derived_base", "feedback") in keys
+        assert (data, "fp8", "default", "feedback") in keys
+    assert all(r["device"] and r["torch"] == torch.__version__ for r in rows)
+    final = {
+        (r["data"], r["scheme"], r["variant"]): float(r["final_rel_err"])
+        for r in rows
+        if r["codec"] == "int2"
+    }
+    for data in ("outliers", "channel_scales_only"):
+        assert final[(data, "mean", "naive")] > final[(data, "mean", "feedback")]
+        assert final[(data, "mean", "feedback")] < final[(data, "none", "feedback")]
+    ok = [r["bases_identical"] for r in rows if r["variant"] != "no_feedback"]
+    assert set(ok) <= {"yes", "n/a"}
+    assert all(float(r["rel_err"]) == 0.0 for r in steps if r["step"] == "0")

@@ -17,6 +17,8 @@ CONFIGS = [
     ("int1", {"group_size": 8}),
     ("int2", {}),
     ("int2", {"group_size": 64}),
+    ("int1", {"channel_scale": "none"}),
+    ("int2", {"group_size": 64, "channel_scale": "none"}),
     ("fp8", {}),
     ("nm_sparse", {}),
     ("nm_sparse", {"n": 2, "m": 8}),
@@ -103,7 +105,9 @@ def test_constant_input(name, kw, dtype):
         (torch.float32, 1e30),
         (torch.float32, 1e-30),
         (torch.float32, 1e-31),  # below 2**-100: scales are zero
-        (torch.float16, 3e4),
+        # int2 levels reach 1.875x a group's mean magnitude (times the channel scale), which
+        # can lie above the largest input near the fp16 maximum (check_fits then sends raw)
+        (torch.float16, 3e3),
         (torch.float16, 1e-5),
         (torch.bfloat16, 1e30),
         (torch.bfloat16, 1e-30),
@@ -138,54 +142,120 @@ def test_non_finite_input_raises(name, cols):
 
 # --- error bounds -------------------------------------------------------------------------------
 def _scales(codec, payload, rows, cols, shape):
+    """Group scales (``rows x ngroups``), channel scales (``cols``, ones for
+    ``channel_scale="none"``) and the layout, read from a payload."""
     lay = codec.layout(rows, cols)
     data = _data(payload, shape)
     s = data[lay.scales_offset : lay.scales_offset + 2 * rows * lay.ngroups]
-    return s.view(torch.bfloat16).float().reshape(rows, lay.ngroups), lay
+    s = s.view(torch.bfloat16).float().reshape(rows, lay.ngroups)
+    c = torch.ones(cols)
+    if codec.channel_scaled:
+        c = data[lay.channels_offset : lay.channels_offset + 2 * cols].view(torch.bfloat16)
+        c = c.float()
+    return s, c, lay
 
 
+def _outlier_matrix(rows, cols, seed):
+    """Gaussian with lognormal channel scales, a few 10x channels and a zero channel."""
+    g = torch.Generator().manual_seed(seed)
+    chan = torch.exp(torch.randn(cols, generator=g) * 0.5)
+    chan[::37] *= 10
+    r = torch.randn(rows, cols, generator=g) * chan * torch.rand(rows, 1, generator=g) * 10
+    r[:, 5] = 0
+    return r
+
+
+def _mean_abs_bound_ok(got, mean, m):
+    """bf16 rounding of a mean plus the truncation of each term (< 2**(E-15) of its max)."""
+    return bool(((got.double() - mean).abs() <= mean * 2**-8 + m * 2**-15).all())
+
+
+@pytest.mark.parametrize("channel_scale", ["none", "mean"])
 @pytest.mark.parametrize("group_size", [8, 64, 256])
-def test_int1_sign_and_scale(group_size):
-    codec = get_codec("int1", group_size=group_size)
-    torch.manual_seed(3)
-    r = torch.randn(9, 300) * torch.rand(9, 1) * 10
+def test_int1_sign_and_scale(group_size, channel_scale):
+    codec = get_codec("int1", group_size=group_size, channel_scale=channel_scale)
+    r = _outlier_matrix(9, 300, 3)
     payload, recon = codec.encode_with_reconstruction(r)
-    s, lay = _scales(codec, payload, 9, 300, r.shape)
-    assert bool(((recon >= 0) == (r >= 0)).all())
-    per_elem = s.repeat_interleave(lay.group, 1)[:, :300]
+    s, c, lay = _scales(codec, payload, 9, 300, r.shape)
+    live = c > 0
+    assert bool(((recon >= 0) == (r >= 0))[:, live].all())
+    assert bool((recon[:, ~live] == 0).all())  # a zero channel decodes to exact zeros
+    per_elem = s.repeat_interleave(lay.group, 1)[:, :300] * c
     assert torch.equal(recon.abs(), per_elem)
-    # the scale is the group mean of |r|: bf16 rounding plus < 2**(E-15) per element
-    rp = torch.nn.functional.pad(r.abs().double(), (0, lay.padded_cols - 300))
-    rp = rp.reshape(9, lay.ngroups, lay.group)
+    # channel scales: the mean of |r| over the tokens; group scales: the mean of |r / c|
+    ra = r.abs().double()
+    assert (
+        _mean_abs_bound_ok(c[live], ra.mean(0)[live], ra.amax(0)[live]) or channel_scale == "none"
+    )
+    u = (ra / torch.where(live, c, 1.0).double()) * live
+    up = torch.nn.functional.pad(u, (0, lay.padded_cols - 300)).reshape(9, lay.ngroups, lay.group)
     counts = torch.tensor([min(lay.group, 300 - g * lay.group) for g in range(lay.ngroups)])
-    mean = rp.sum(-1) / counts
-    assert bool(((s.double() - mean).abs() <= mean * 2**-8 + rp.amax(-1) * 2**-15).all())
+    mean = up.sum(-1) / counts
+    assert bool(((s.double() - mean).abs() <= mean * 2**-7 + up.amax(-1) * 2**-14).all())
 
 
 def test_grouped_scale_is_order_independent():
     codec = get_codec("int2", group_size=64)
     torch.manual_seed(4)
-    r = torch.randn(16, 64) * 1e3
+    r = torch.randn(300, 64) * 1e3
     perm = torch.randperm(64)
     p1, _ = codec.encode_with_reconstruction(r)
     p2, _ = codec.encode_with_reconstruction(r[:, perm])
-    s1, _ = _scales(codec, p1, 16, 64, r.shape)
-    s2, _ = _scales(codec, p2, 16, 64, r.shape)
-    assert torch.equal(s1, s2)
+    s1, c1, _ = _scales(codec, p1, 300, 64, r.shape)
+    s2, c2, _ = _scales(codec, p2, 300, 64, r.shape)
+    assert torch.equal(s1, s2) and torch.equal(c1[perm], c2)
+    # the channel scales do not depend on the order of the tokens either (blocks of 256)
+    p3, _ = codec.encode_with_reconstruction(r[torch.randperm(300)])
+    _, c3, _ = _scales(codec, p3, 300, 64, r.shape)
+    assert torch.equal(c1, c3)
 
 
+@pytest.mark.parametrize("rows", [1, 255, 256, 257, 1100])
+def test_channel_mean_abs_is_exact_and_guarded(rows):
+    from compactfusion.codecs._grouped import channel_mean_abs
+
+    g = torch.Generator().manual_seed(rows)
+    r = torch.randn(rows, 20, generator=g) * torch.logspace(-35, 35, 20)
+    r[:, 3] = 0  # a zero channel
+    r[:, 4] = 2.0**-110  # below 2**-100: scale 0
+    r[0, 6] = 1e6  # a spike
+    mean = channel_mean_abs(r)
+    ref = r.abs().double().mean(0)
+    ok = (mean.double() - ref).abs() <= ref * 2**-20 + r.abs().double().amax(0) * 2**-15
+    tiny = r.abs().amax(0) < 2.0**-100  # channels 0, 1 (1e-35, 7e-32), 3 and 4: scale 0
+    assert bool(ok[~tiny].all()) and bool((mean[tiny] == 0).all()) and int(tiny.sum()) == 4
+    assert bool(torch.isfinite(mean).all())
+
+
+@pytest.mark.parametrize("channel_scale", ["none", "mean"])
 @pytest.mark.parametrize("group_size", [8, 96, 256])
-def test_int2_error_bound(group_size):
-    codec = get_codec("int2", group_size=group_size)
+def test_int2_error_bound(group_size, channel_scale):
+    codec = get_codec("int2", group_size=group_size, channel_scale=channel_scale)
     torch.manual_seed(5)
-    r = torch.randn(11, 500) ** 3
+    r = _outlier_matrix(11, 500, 5) ** 3 / 100
     payload, recon = codec.encode_with_reconstruction(r)
-    d, lay = _scales(codec, payload, 11, 500, r.shape)
+    d, c, lay = _scales(codec, payload, 11, 500, r.shape)
     d = d.repeat_interleave(lay.group, 1)[:, :500].double()
+    c = c.double()
+    u = r.double() / torch.where(c > 0, c, 1.0) * (c > 0)
     err = (recon.double() - r.double()).abs()
-    assert bool((err <= torch.maximum(d, r.double().abs() - 3 * d)).all())
-    levels = recon.double() / d
+    bound = torch.maximum(d, u.abs() - 3 * d) * c
+    assert bool((err <= bound * (1 + 2**-20) + r.double().abs() * 2**-22).all())
+    dc = d * c
+    levels = torch.where(dc > 0, recon.double() / torch.where(dc > 0, dc, 1.0), 1.0)
     assert bool(torch.isin(levels, torch.tensor([-3.0, -1.0, 1.0, 3.0], dtype=torch.double)).all())
+
+
+@pytest.mark.parametrize("name", ["int1", "int2"])
+def test_channel_scales_beat_group_scales_on_outlier_channels(name):
+    """With 10x outlier channels, the small channels of a group are swamped by the large ones
+    unless the channels are normalised first."""
+    r = _outlier_matrix(64, 1024, 6)
+    errs = {}
+    for cs in ("none", "mean"):
+        _, recon = get_codec(name, channel_scale=cs).encode_with_reconstruction(r)
+        errs[cs] = float((recon - r).norm() / r.norm())
+    assert errs["mean"] < 0.8 * errs["none"], errs
 
 
 def test_fp8_error_bound_and_codes():
@@ -263,10 +333,31 @@ def test_wire_ratio_vs_bf16(name, kw, ratio):
     assert 2 * 4096 * 3072 / codec.payload_nbytes(shape, torch.bfloat16) >= ratio
 
 
+@pytest.mark.parametrize(
+    ("name", "kw", "ratio"),
+    [
+        ("int2", {}, 7.5),
+        ("int1", {}, 14.5),
+        ("int2", {"channel_scale": "none"}, 7.75),
+        ("int1", {"channel_scale": "none"}, 15.0),
+    ],
+)
+def test_wire_ratio_flux_shard(name, kw, ratio):
+    """A 1024 x 3072 bf16 shard, headers and all scales included."""
+    shape = (1024, 3072)
+    codec = get_codec(name, **kw)
+    assert 2 * 4096 * 3072 / codec.payload_nbytes(shape, torch.bfloat16) >= ratio
+
+
 def test_payload_nbytes_formulas():
     hdr = header_nbytes(2)
-    assert get_codec("int1").payload_nbytes((4, 512), torch.bfloat16) == hdr + 4 * 64 + 16
-    assert get_codec("int2", group_size=8).payload_nbytes((1, 8), torch.float32) == hdr + 32
+    # codes, group scales, channel scales (2 per channel), padded to 16 bytes
+    assert get_codec("int1").payload_nbytes((4, 512), torch.bfloat16) == hdr + 256 + 16 + 1024
+    assert get_codec("int2", group_size=8).payload_nbytes((1, 8), torch.float32) == hdr + 48
+    old = get_codec("int1", channel_scale="none")
+    assert old.payload_nbytes((4, 512), torch.bfloat16) == hdr + 4 * 64 + 16
+    old = get_codec("int2", group_size=8, channel_scale="none")
+    assert old.payload_nbytes((1, 8), torch.float32) == hdr + 32
     assert get_codec("fp8").payload_nbytes((3, 10), torch.float16) == hdr + 32 + 16
     # 1:4, bf16, 10 channels -> 3 groups, 3 values (6 bytes) + 6 index bits (1 byte)
     assert get_codec("nm_sparse").payload_nbytes((2, 10), torch.bfloat16) == hdr + 16 + 16
@@ -280,6 +371,8 @@ def test_payload_nbytes_formulas():
         ("int1", {"group_size": 512}, "group_size"),
         ("int2", {"group_size": 0}, "group_size"),
         ("int2", {"group_size": 8.0}, "group_size"),
+        ("int2", {"channel_scale": "max"}, "channel_scale"),
+        ("int1", {"channel_scale": None}, "channel_scale"),
         ("nm_sparse", {"m": 6}, "m"),
         ("nm_sparse", {"m": 512}, "m"),
         ("nm_sparse", {"n": 4, "m": 4}, "n"),
@@ -292,8 +385,13 @@ def test_bad_params_raise(name, kw, param):
 
 
 def test_defaults_describe_and_header_params():
-    assert get_codec("int1").describe() == {"name": "int1", "group_size": 256}
-    assert get_codec("int2", group_size=32).header_params() == (32, 0, 0, 0)
+    assert get_codec("int1").describe() == {
+        "name": "int1",
+        "group_size": 256,
+        "channel_scale": "mean",
+    }
+    assert get_codec("int2", group_size=32).header_params() == (32, 1, 0, 0)
+    assert get_codec("int2", channel_scale="none").header_params() == (256, 0, 0, 0)
     assert get_codec("fp8").describe() == {"name": "fp8"}
     nm = get_codec("nm_sparse")
     assert nm.describe() == {"name": "nm_sparse", "n": 1, "m": 4}
@@ -304,8 +402,13 @@ def test_defaults_describe_and_header_params():
         "int1": 3,
         "nm_sparse": 4,
     }
-    for name in ("int1", "int2", "fp8", "nm_sparse"):
-        codec = get_codec(name)
+    for name, kw in [
+        ("int1", {}),
+        ("int2", {"channel_scale": "none"}),
+        ("fp8", {}),
+        ("nm_sparse", {}),
+    ]:
+        codec = get_codec(name, **kw)
         assert type(codec).from_header_params(codec.header_params()).describe() == codec.describe()
         assert codec.__doc__ and "Layout" in codec.__doc__
 

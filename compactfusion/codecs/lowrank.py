@@ -25,8 +25,9 @@ Warm start (as PowerSGD)
 ------------------------
 The per-site :class:`LowRankState` keeps the last ``Q`` (its columns scaled to unit norm, so a
 growing or shrinking residual can never overflow or underflow the next ``R @ Q``) and starts the
-next call from it. Adjacent denoising steps have similar residual subspaces, so one iteration
-per step behaves like many iterations on a fixed matrix. The first call (and any call after the
+next call from it. Adjacent denoising steps have similar residual subspaces, so a few iterations
+per step behave like many iterations on a fixed matrix (2 by default, chosen by measurement:
+see ``iters``). The first call (and any call after the
 matrix shape changes) starts from a Gaussian ``Q0`` drawn from a ``torch.Generator`` seeded with
 ``seed`` on the tensor's device: every rank and every codec instance with the same seed draws
 the same ``Q0``. A column of ``Q`` that comes out zero (a zero residual) keeps its previous
@@ -157,7 +158,11 @@ class LowRankCodec(Codec):
 
     Args:
         rank: target rank ``r >= 1`` (effective ``k = min(r, rows, cols)``); default 16.
-        iters: power iterations per call, ``>= 1``; default 1 (the warm start does the rest).
+        iters: power iterations per call, ``>= 1``; default 2. Measured on the synthetic K/V
+            trajectories of ``compactfusion.testing.trajectory`` (1024 x 3072 bf16, 28 steps,
+            int8 factors, warm start): 2 iterations lower the final error by 4-8 % at rank 16
+            and 32 (e.g. rank 32, mostly low-rank drift: 0.0645 -> 0.0592) for ~20 % more CPU
+            encode time and 8 more bytes per element read on the GPU path.
         factor_dtype: ``"bf16"`` (default) or ``"int8"`` with a per-column bf16 scale.
         seed: seed of the initial basis (identical on every rank); default 0. The header keeps
             ``seed & 0xFFFF``.
@@ -167,7 +172,7 @@ class LowRankCodec(Codec):
     codec_id = 5
 
     def __init__(
-        self, rank: int = 16, iters: int = 1, factor_dtype: str = "bf16", seed: int = 0
+        self, rank: int = 16, iters: int = 2, factor_dtype: str = "bf16", seed: int = 0
     ) -> None:
         for pname, v in (("rank", rank), ("iters", iters)):
             if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v < _U16:
@@ -271,6 +276,10 @@ class LowRankCodec(Codec):
         rows, cols = r.shape
         q = q_prev = self._warm_start(state, rows, cols, r.device)
         for i in range(self.iters):
+            if i > 0:
+                # Q = R^T P carries R's magnitude: rescale its columns (the span of R @ Q, and so
+                # P, is unchanged) so that a second R @ Q cannot overflow for large residuals.
+                q = _unit_columns(q, q_prev)
             p = r @ q
             if i == 0:  # inf or nan anywhere in r reaches its row of r @ q
                 check_finite(p, self.name)

@@ -1,5 +1,5 @@
-"""Test helpers: spawned multi-rank worlds, xfuser and diffusers' context parallelism on CPU, and
-tiny seeded pipelines.
+"""Test helpers: spawned multi-rank worlds, xfuser and diffusers' context parallelism on CPU,
+tiny seeded pipelines, and synthetic K/V trajectories for codec fidelity.
 
 Nothing here imports xfuser or diffusers until a function that needs them is called, so
 ``import compactfusion.testing`` is cheap and works without the ``xdit`` extra.
@@ -29,6 +29,12 @@ from compactfusion.testing.tiny_pipelines import (
     tiny_pixart,
     tiny_sd3,
 )
+from compactfusion.testing.trajectory import (
+    TrajectoryConfig,
+    TrajectoryResult,
+    kv_trajectory,
+    run_trajectory,
+)
 from compactfusion.testing.wire import counting_sent_bytes
 from compactfusion.testing.xfuser_cpu import prepare_xfuser_cpu
 
@@ -36,6 +42,8 @@ __all__ = [
     "DIFFUSERS_KINDS",
     "KINDS",
     "build_diffusers_pipeline",
+    "TrajectoryConfig",
+    "TrajectoryResult",
     "build_engine_config",
     "build_pipeline",
     "counting_sent_bytes",
@@ -45,9 +53,11 @@ __all__ = [
     "generate",
     "generate_diffusers",
     "init_xfuser_distributed",
+    "kv_trajectory",
     "make_inputs",
     "prepare_diffusers_cpu",
     "prepare_xfuser_cpu",
+    "run_trajectory",
     "spawn_ranks",
     "tiny_cogvideox",
     "tiny_flux",
