@@ -96,8 +96,8 @@ class Example:
             (``model_index.json``'s ``_class_name``).
         geometry: ``(transformer config, vae config) -> Geometry`` (dicts read from the
             checkpoint's JSON files), for the checks in :mod:`_validation`.
-        tiny_geometry: the same for the tiny model (``test_examples.py`` compares it with
-            ``geometry`` of the tiny model's configs).
+        tiny_geometry: the same for the tiny model (``test_examples_real_weights.py`` checks it
+            against ``geometry`` of the tiny model's configs).
         check: ``(args, inputs, geometry, sp) -> list of problems`` specific to the model.
     """
 
