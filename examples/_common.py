@@ -12,9 +12,12 @@ to build the tiny stand-in, what to pass to the pipeline, how to save the output
 3. Weights: ``--model`` as a local directory, or as a Hugging Face repo id already in the local
    cache. Nothing is downloaded (``HF_HUB_OFFLINE=1`` unless set otherwise); without local
    weights the example says so and runs a tiny random model built from a config instead.
-4. The process group comes from torchrun's ``env://`` variables (``xFuserArgs.create_config``);
+4. Checks (:mod:`_validation`): sizes, parallel degrees, text length and flags are checked
+   against the model's JSON configs before any process group exists or any weight is read;
+   every problem is reported at once with what would work (exit status 2).
+5. The process group comes from torchrun's ``env://`` variables (``xFuserArgs.create_config``);
    started without torchrun, the script runs as a world of one (nothing to compress).
-5. One generation (two with ``--compact-compare``: uncompressed first, same seed), a denoising
+6. One generation (two with ``--compact-compare``: uncompressed first, same seed), a denoising
    progress bar on rank 0 only, then on rank 0: the image / video frames and ``stats.json``.
 """
 
@@ -36,12 +39,26 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["DTYPES", "TINY", "Example", "StepTimer", "main", "psnr", "resolve_weights"]
+__all__ = [
+    "DTYPES",
+    "TINY",
+    "Example",
+    "StepTimer",
+    "check_arguments",
+    "main",
+    "psnr",
+    "resolve_weights",
+]
 
-# Run from a checkout without installing: the repository root holds the ``compactfusion`` package.
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-    sys.path.insert(0, _REPO)
+# Run from a checkout without installing: the repository root holds the ``compactfusion``
+# package; this directory holds ``_validation`` (on the path already when a script here runs).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_REPO = os.path.dirname(_HERE)
+for _dir in (_REPO, _HERE):
+    if _dir not in sys.path:
+        sys.path.insert(0, _dir)
+
+from _validation import Geometry, problems, read_configs  # noqa: E402
 
 TINY = "tiny"  # ``--model tiny`` asks for the tiny random model without looking for weights
 # xfuser input arguments whose default depends on the model (real or tiny, image or video).
@@ -75,6 +92,13 @@ class Example:
         save: ``(output, out_dir, stem) -> list of written paths``; ``output`` is what the
             pipeline returned (``return_dict=False``, first element) on rank 0.
         to_array: ``output -> float numpy array in [0, 1]``, for PSNR between two runs.
+        pipeline_class: the diffusers pipeline class a checkpoint must hold
+            (``model_index.json``'s ``_class_name``).
+        geometry: ``(transformer config, vae config) -> Geometry`` (dicts read from the
+            checkpoint's JSON files), for the checks in :mod:`_validation`.
+        tiny_geometry: the same for the tiny model (``test_examples_real_weights.py`` checks it
+            against ``geometry`` of the tiny model's configs).
+        check: ``(args, inputs, geometry, sp) -> list of problems`` specific to the model.
     """
 
     kind: str
@@ -87,6 +111,10 @@ class Example:
     call_kwargs: Callable[..., dict[str, Any]]
     save: Callable[..., list[str]]
     to_array: Callable[[Any], Any]
+    pipeline_class: str
+    geometry: Callable[[dict[str, Any], dict[str, Any]], Geometry]
+    tiny_geometry: Geometry
+    check: Callable[..., list[str]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,6 +360,12 @@ def main(example: Example, argv: list[str] | None = None) -> None:
     tiny = path is None
     inputs = _inputs(example, args, tiny)
     _default_ring_degree(args)
+    found = check_arguments(example, args, inputs, path, config is not None, device_type)
+    if found:  # before the process group and the weights: fails in seconds, on every rank
+        if os.environ.get("RANK", "0") != "0":
+            raise SystemExit(2)
+        # Without the usage: xfuser's parser has a hundred flags.
+        parser.exit(2, "\n  - ".join([f"{parser.prog}: cannot run as given:", *found]) + "\n")
 
     from xfuser import xFuserArgs
 
@@ -344,6 +378,26 @@ def main(example: Example, argv: list[str] | None = None) -> None:
         _run(example, args, engine_config, config, dtype, path, weights_note, inputs, device_type)
     finally:
         _teardown()
+
+
+def check_arguments(
+    example: Example, args, inputs: dict[str, Any], path: str | None, compressing: bool,
+    device_type: str,
+) -> list[str]:  # fmt: skip
+    """Every problem with the arguments (see :mod:`_validation`), read from the checkpoint's
+    JSON configs at ``path`` (None: the tiny model); [] when the run can start."""
+    if path is None:
+        geometry = example.tiny_geometry
+    else:
+        try:
+            geometry = example.geometry(*read_configs(path, example.pipeline_class))
+        except ValueError as exc:
+            return [str(exc)]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return problems(
+        args, inputs, geometry, world=world, device_type=device_type, compressing=compressing,
+        check=example.check,
+    )  # fmt: skip
 
 
 def _inputs(example: Example, args, tiny: bool) -> dict[str, Any]:

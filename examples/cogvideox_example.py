@@ -1,9 +1,11 @@
 """CogVideoX text-to-video with xDiT (xfuser 0.7.0) and compactfusion, launched with torchrun.
 
-    # 4 GPUs, ring 2 x Ulysses 2, compressed only where it pays on PCIe
+    # 4 GPUs, ring 2 x Ulysses 2, compressed only where it pays on PCIe; 512 px high: the
+    # default 480 px (60 latent rows) does not split into 4 ranks x 2-row patches; 512 does
     torchrun --nproc_per_node=4 examples/cogvideox_example.py --model /path/to/CogVideoX-2b \\
-        --ring_degree 2 --ulysses_degree 2 --enable_tiling --prompt "a panda playing guitar" \\
-        --compact-codec int2 --compact-policy auto --compact-link pcie
+        --ring_degree 2 --ulysses_degree 2 --height 512 --enable_tiling \\
+        --prompt "a panda playing guitar" --compact-codec int2 --compact-policy auto \\
+        --compact-link pcie
 
     # no weights on disk (or no GPU): a tiny random CogVideoX on CPU + gloo, same flags
     torchrun --nproc_per_node=2 examples/cogvideox_example.py --compact-codec int2
@@ -24,6 +26,7 @@ import importlib.util
 import os
 
 import _common  # also puts the repository root on sys.path
+import _validation
 
 DEFAULT_PROMPT = "A panda in a small red jacket playing an acoustic guitar in a bamboo forest"
 FPS = 8  # CogVideoX is trained on 8 fps clips
@@ -66,6 +69,34 @@ def call_kwargs(pipe, inputs, tiny, generator):
         if name in inputs:
             kwargs[name] = inputs[name]
     return kwargs
+
+
+def geometry(transformer: dict, vae: dict) -> _validation.Geometry:
+    """CogVideoX: VAE factor 8 (8 px per latent row), patch size 2; 30 heads (2B) or 48 (5B);
+    2B's sin-cos positions fix the text length to ``max_text_seq_length`` (226)."""
+    positions = not transformer.get("use_rotary_positional_embeddings", False)
+    fixed = positions or transformer.get("use_learned_positional_embeddings", False)
+    return _validation.Geometry(
+        row_pixels=_validation.vae_scale_factor(vae),
+        patch_size=transformer.get("patch_size", 2),
+        heads=transformer["num_attention_heads"],
+        fixed_text_len=transformer.get("max_text_seq_length", 226) if fixed else None,
+    )
+
+
+def check(args, inputs, geometry, sp: int) -> list[str]:
+    """CogVideoX-specific rules: a text length the positional embedding has room for."""
+    text_len = inputs.get("max_sequence_length")
+    if text_len is not None and text_len < 1:
+        return [f"max_sequence_length {text_len} must be at least 1"]
+    fixed = geometry.fixed_text_len
+    if text_len is not None and fixed is not None and text_len != fixed:
+        return [
+            f"max_sequence_length {text_len}: this CogVideoX embeds exactly {fixed} text "
+            f"positions (sin-cos positional embedding, as CogVideoX-2B): use "
+            f"--max_sequence_length {fixed} or leave the flag out"
+        ]
+    return []
 
 
 def save(videos, out_dir: str, stem: str) -> list[str]:
@@ -119,6 +150,11 @@ EXAMPLE = _common.Example(
     call_kwargs=call_kwargs,
     save=save,
     to_array=to_array,
+    pipeline_class="CogVideoXPipeline",
+    geometry=geometry,
+    # compactfusion.testing.tiny_cogvideox: VAE factor 2, patch 2, 4 heads, RoPE
+    tiny_geometry=_validation.Geometry(row_pixels=2, patch_size=2, heads=4),
+    check=check,
 )
 
 if __name__ == "__main__":

@@ -21,8 +21,10 @@ from __future__ import annotations
 import os
 
 import _common  # also puts the repository root on sys.path
+import _validation
 
 DEFAULT_PROMPT = "A cat holding a sign that says hello world"
+MAX_TEXT_LEN = 512  # diffusers' FluxPipeline.check_inputs refuses longer T5 prompts
 
 
 def load(path: str, engine_config, dtype):
@@ -51,20 +53,51 @@ def call_kwargs(pipe, inputs, tiny, generator):
         "guidance_scale": inputs["guidance_scale"],
         "generator": generator,
     }
+    text_len = inputs.get("max_sequence_length")  # divisible by sp: see check()
     if tiny:
         from compactfusion.testing import make_inputs
 
-        text_len = -(-8 // sp) * sp  # xfuser 0.7.0 splits FLUX text tokens across SP ranks
+        text_len = text_len or -(-8 // sp) * sp  # 8 text tokens, rounded up to whole shards
         kwargs.update(make_inputs("flux", pipe, seed=inputs["seed"], text_len=text_len))
         return kwargs
-    text_len = inputs["max_sequence_length"]
-    if text_len % sp:
-        raise ValueError(
-            f"--max_sequence_length {text_len} must be divisible by ring_degree x ulysses_degree "
-            f"({sp}): xfuser 0.7.0 splits FLUX text tokens across those ranks"
-        )
     kwargs.update(prompt=inputs["prompt"], max_sequence_length=text_len)
     return kwargs
+
+
+def geometry(transformer: dict, vae: dict) -> _validation.Geometry:
+    """FLUX.1: the VAE factor 8, doubled by the pipeline's 2x2 packing (16 px per latent row as
+    xfuser counts them), patch size 1; 24 heads."""
+    return _validation.Geometry(
+        row_pixels=2 * _validation.vae_scale_factor(vae),
+        patch_size=transformer.get("patch_size", 1),
+        heads=transformer["num_attention_heads"],
+    )
+
+
+def check(args, inputs, geometry, sp: int) -> list[str]:
+    """FLUX-specific rules: no CFG parallelism; the text length divisible by ``sp``, at most
+    512 (diffusers' limit for FLUX's T5)."""
+    found = []
+    if args.use_cfg_parallel:
+        found.append(
+            "--use_cfg_parallel: xfuser's FLUX pipeline refuses CFG parallelism (FLUX.1 embeds "
+            "the guidance scale: one transformer call per step, nothing to split)"
+        )
+    text_len = inputs.get("max_sequence_length")
+    if text_len is None:
+        return found
+    if not 1 <= text_len <= MAX_TEXT_LEN:
+        found.append(f"max_sequence_length {text_len} must be in 1..{MAX_TEXT_LEN}")
+    elif text_len % sp:
+        # Otherwise xfuser keeps the whole text on every rank inside the local Q/K/V and
+        # ring/Ulysses attention counts the text keys once per rank: silently wrong images.
+        near = _validation.nearest_valid(text_len, sp, lambda n: n <= MAX_TEXT_LEN)
+        found.append(
+            f"max_sequence_length {text_len} must be divisible by ring_degree x "
+            f"ulysses_degree ({sp}): xfuser 0.7.0 splits FLUX's text tokens across those "
+            f"ranks. Nearest valid: {_validation.alternatives('--max_sequence_length', near)}"
+        )
+    return found
 
 
 def save(images, out_dir: str, stem: str) -> list[str]:
@@ -100,6 +133,11 @@ EXAMPLE = _common.Example(
     call_kwargs=call_kwargs,
     save=save,
     to_array=to_array,
+    pipeline_class="FluxPipeline",
+    geometry=geometry,
+    # compactfusion.testing.tiny_flux: VAE factor 2 (x2 packing), patch 1, 4 heads
+    tiny_geometry=_validation.Geometry(row_pixels=4, patch_size=1, heads=4),
+    check=check,
 )
 
 if __name__ == "__main__":

@@ -368,20 +368,14 @@ def runner_generate(
 def _tiny_text_components(text_dim: int):
     """A character-level T5 tokenizer and a one-layer UMT5 encoder of width ``text_dim``
     (seeded by the caller), enough for the Wan pipeline's ``encode_prompt``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
+    from transformers import UMT5Config, UMT5EncoderModel
 
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
-    vocab += [(chr(c), -1.0) for c in range(ord("a"), ord("z") + 1)]
-    backend = Tokenizer(models.Unigram(vocab, unk_id=2))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace()
-    tokenizer = T5TokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-        extra_ids=0,
-    )  # fmt: skip
+    from .tiny_text import char_t5_tokenizer
+
+    tokenizer = char_t5_tokenizer()
     encoder = UMT5EncoderModel(
         UMT5Config(
-            vocab_size=len(vocab),
+            vocab_size=len(tokenizer),
             d_model=text_dim,
             d_kv=8,
             d_ff=2 * text_dim,
