@@ -14,7 +14,9 @@ follows can be viewed as fp32/bf16 without misalignment)::
     4       1     dtype code: 0 float32, 1 float16, 2 bfloat16
     5       1     ndim (0..8)
     6       1     status flags (bit 0, FLAG_NOT_FINITE: the sender's input, residual or
-                  reconstruction was not finite or out of range: see "Deferred checks")
+                  reconstruction was not finite or out of range, see "Deferred checks";
+                  bit 1, FLAG_OUT_OF_RANGE: raw values too large or not finite to compress
+                  against)
     7       1     reserved, zero
     8       8     four uint16 codec parameters (e.g. group size, N and M, rank)
     16      8*nd  shape, int64 per dimension
@@ -54,7 +56,8 @@ _FIXED = struct.Struct("<2sBBBBBB4H")  # 16 bytes
 ALIGN = 16
 FLAGS_OFFSET = 6  # byte of the header holding the status flags
 FLAG_NOT_FINITE = 1  # the payload is undefined: the sender's values were not finite
-_KNOWN_FLAGS = FLAG_NOT_FINITE
+FLAG_OUT_OF_RANGE = 2  # a raw payload whose values cannot serve as a base (see residual.py)
+_KNOWN_FLAGS = FLAG_NOT_FINITE | FLAG_OUT_OF_RANGE
 
 DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 CODE_DTYPES: dict[int, torch.dtype] = {v: k for k, v in DTYPE_CODES.items()}
@@ -237,6 +240,15 @@ class Codec(ABC):
         rows, cols = rows_cols(shape)
         return add_rounded(base, self._decode_rows(data, rows, cols, dtype), out)
 
+    def decode_known(
+        self, payload: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype
+    ) -> torch.Tensor:
+        """``decode`` for a payload this codec encoded for ``shape``/``dtype``, without reading
+        the header back (see ``decode_residual(check_header=False)``)."""
+        rows, cols = rows_cols(shape)
+        data = self.payload_data(payload, shape, dtype)
+        return self._decode_rows(data, rows, cols, dtype).to(dtype).reshape(shape)
+
     def payload_data(
         self, payload: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype
     ) -> torch.Tensor:
@@ -373,16 +385,22 @@ def deferred_checks() -> Iterator[DeferredChecks]:
         _DEFERRED.reset(token)
 
 
+def require_finite(ok: torch.Tensor, message: str) -> None:
+    """Raise :class:`NonFiniteInput` with ``message`` unless the 0-d bool tensor ``ok`` is
+    True; inside :func:`deferred_checks`, record ``~ok`` instead (no host read)."""
+    deferred = _DEFERRED.get()
+    if deferred is not None:
+        deferred.add(~ok)
+    elif not bool(ok):
+        raise NonFiniteInput(message)
+
+
 def check_finite(t: torch.Tensor, name: str) -> None:
     """Raise :class:`NonFiniteInput` unless every element of ``t`` is finite (inside
     :func:`deferred_checks`: record the outcome instead). Codecs pass a reduction that
     propagates inf and nan (a max of magnitudes) when they have one: checking it costs
     nothing next to a pass over the residual."""
-    deferred = _DEFERRED.get()
-    if deferred is not None:
-        deferred.add(~torch.isfinite(t).all())
-    elif not bool(torch.isfinite(t).all()):
-        raise NonFiniteInput(f"{name} cannot encode non-finite values (inf or nan)")
+    require_finite(torch.isfinite(t).all(), f"{name} cannot encode non-finite values (inf or nan)")
 
 
 def check_fits(t: torch.Tensor, dtype: torch.dtype, name: str) -> None:
@@ -391,14 +409,10 @@ def check_fits(t: torch.Tensor, dtype: torch.dtype, name: str) -> None:
     the outcome instead. One reduction pass."""
     lo, hi = torch.aminmax(t)
     limit = rounding_limit(dtype)
-    fits = (lo > -limit) & (hi < limit)
-    deferred = _DEFERRED.get()
-    if deferred is not None:
-        deferred.add(~fits)
-    elif not bool(fits):
-        raise NonFiniteInput(
-            f"{name}: the reconstruction is not finite in {str(dtype).replace('torch.', '')}"
-        )
+    require_finite(
+        (lo > -limit) & (hi < limit),
+        f"{name}: the reconstruction is not finite in {str(dtype).replace('torch.', '')}",
+    )
 
 
 def encode_header(
