@@ -422,9 +422,10 @@ class ResidualCompressor:
         st.raw_bytes += math.prod(shape) * dtype.itemsize
         st.payload_bytes += payload.numel()
 
-    def end_step(self) -> None:
+    def end_step(self) -> bool:
         """Apply the status flags of this step's exchanges: one device-to-host read per device
-        that had exchanges (none otherwise). Call it once per denoising step on every rank.
+        that had exchanges (none otherwise; returns whether it read). Call it once per
+        denoising step on every rank.
 
         Groups that carried non-finite values restart with raw payloads (on every rank: the
         flags travelled in the payloads), groups whose raw bases are out of range stay raw
@@ -438,6 +439,7 @@ class ResidualCompressor:
                     self._apply_status(group, value)
                 else:
                     self._groups[group].raw_next = False
+        return bool(self._flags)
 
     def _apply_status(self, group: Hashable, value: int) -> None:
         g = self._groups[group]
