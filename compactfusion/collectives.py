@@ -49,6 +49,11 @@ def all_gather_flat(out: torch.Tensor, inp: torch.Tensor, group=None, async_op: 
     return fn(out, inp, group=group, async_op=async_op)
 
 
+def group_name(group: dist.ProcessGroup | None) -> str:
+    """The name of ``group`` (None: the default group), the same on every rank of it."""
+    return (group if group is not None else dist.group.WORLD).group_name
+
+
 class ConfigMismatchError(ValueError):
     """Ranks were configured differently; raised on every rank."""
 
@@ -134,6 +139,7 @@ def compressed_all_gather(
     compressed = comp.exchange_compressed(site, [(site, r) for r in range(world)], shape, dtype)
     nbytes = comp.exchange_nbytes(shape, dtype, compressed)
     (payload,) = comp.send(site, [((site, rank), x)], compressed)
+    comp.set_process_group(site, group_name(group))
     gathered = torch.empty(world * nbytes, dtype=torch.uint8, device=x.device)
     all_gather_flat(gathered, payload, group)
     rows = gathered.view(world, nbytes)
@@ -257,6 +263,7 @@ def compressed_all_to_all(
     compressed = comp.exchange_compressed(site, keys, shape, dtype)
     nbytes = comp.exchange_nbytes(shape, dtype, compressed)
     payloads = comp.send(site, [((site, rank, j), chunks[j]) for j in peers], compressed)
+    comp.set_process_group(site, group_name(group))
     send = torch.empty(world, nbytes, dtype=torch.uint8, device=x.device)
     send[rank].zero_()  # this rank's own row travels to itself and is ignored
     for j, payload in zip(peers, payloads, strict=True):
@@ -279,6 +286,7 @@ __all__ = [
     "compressed_all_to_all",
     "finish_compressed_all_gather",
     "gather_buffer",
+    "group_name",
     "host_headers",
     "is_retry_marker",
     "raw_all_gather",

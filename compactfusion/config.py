@@ -59,6 +59,10 @@ class CompactConfig:
             ``"ethernet"`` or a bandwidth in GB/s.
         backend: ``"auto"`` (Triton kernels for CUDA tensors, torch otherwise), ``"torch"``
             or ``"triton"``. The environment variable ``COMPACTFUSION_BACKEND`` overrides it.
+        verify: after each generation, compare every receiver's bases with their senders'
+            (``compactfusion.verify_bases``: one checksum exchange over all ranks) and raise
+            ``BaseDivergenceError`` on every rank if any differ. Needs
+            ``error_feedback=True`` (without it bases differ by design).
     """
 
     codec: str = "int2"
@@ -73,6 +77,7 @@ class CompactConfig:
     policy: str = "always"
     link: str | float | None = None
     backend: str = "auto"
+    verify: bool = False
 
     def __post_init__(self) -> None:
         if self.codec not in available_codecs():
@@ -87,7 +92,7 @@ class CompactConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name}: must be a non-negative integer, got {value!r}")
-        for name in ("residual", "error_feedback", "compress_ulysses"):
+        for name in ("residual", "error_feedback", "compress_ulysses", "verify"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: must be a bool, got {getattr(self, name)!r}")
         if self.site_policy is not None and not callable(self.site_policy):
@@ -102,6 +107,11 @@ class CompactConfig:
             raise ValueError('link: policy="auto" needs a link hint (e.g. "pcie" or 25.0 GB/s)')
         if self.link is not None:
             self.link_bandwidth_gbps()  # validates
+        if self.verify and not self.error_feedback:
+            raise ValueError(
+                "verify: needs error_feedback=True (without error feedback the sender keeps "
+                "the exact activation, so its bases differ from the receivers' by design)"
+            )
         if not self.residual and not self.error_feedback:
             raise ValueError(
                 "error_feedback: must stay True when residual=False (there is no base to "

@@ -18,7 +18,7 @@ Only strings cross the op boundary besides ``x``:
   pipeline's state);
 * ``site`` is the exchange's site name (a constant in the compiled graph: e.g. the layer
   name, resolved outside the op);
-* ``group`` is the process group's name (:func:`group_name`).
+* ``group`` is the process group's name (:func:`~compactfusion.collectives.group_name`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import weakref
 import torch
 import torch.distributed as dist
 
-from .collectives import compressed_all_gather, compressed_all_to_all
+from .collectives import compressed_all_gather, compressed_all_to_all, group_name
 from .residual import ResidualCompressor
 
 _COMPRESSORS: weakref.WeakValueDictionary[str, ResidualCompressor] = weakref.WeakValueDictionary()
@@ -53,11 +53,6 @@ def _compressor(handle: str) -> ResidualCompressor:
             "unpatched or garbage-collected); re-run the compiled model after patching again"
         )
     return comp
-
-
-def group_name(group: dist.ProcessGroup | None) -> str:
-    """The name the custom ops resolve ``group`` by (None: the default group)."""
-    return (group if group is not None else dist.group.WORLD).group_name
 
 
 def _group(name: str) -> dist.ProcessGroup:

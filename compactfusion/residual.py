@@ -108,6 +108,7 @@ class _Group:
     slot: int  # index in the compressor's flag vector for ``device``
     keys: set = field(default_factory=set)
     raw_next: bool = False  # a base is out of range: exchange raw until it is not
+    process_group: str = ""  # name of the process group it runs over (for verify_bases)
 
 
 @dataclass
@@ -501,6 +502,29 @@ class ResidualCompressor:
     def base_items(self) -> list[tuple[Hashable, torch.Tensor]]:
         """``(key, base)`` of every site that holds a base (for cross-rank checks)."""
         return [(k, s.base) for k, s in self._sites.items() if s.base is not None]
+
+    def restart(self, keys: list[Hashable]) -> None:
+        """Forget the bases (and codec states) of ``keys``: their next call is sent raw. Every
+        holder of a site must restart it together."""
+        for key in keys:
+            site = self._sites.get(key)
+            if site is not None:
+                site.base, site.codec_state, site.calls = None, None, 0
+
+    def set_process_group(self, group: Hashable, name: str) -> None:
+        """Record which process group exchange ``group`` runs over (a name the same on all
+        its ranks): sites of equal keys in different process groups are different sites."""
+        g = self._groups.get(group)
+        if g is not None:
+            g.process_group = name
+
+    def process_group_of(self, key: Hashable) -> str:
+        """The process group name recorded for the exchange that ``key`` belongs to ("" if
+        none was recorded, e.g. sites used only through ``encode``/``decode``)."""
+        for g in self._groups.values():
+            if key in g.keys:
+                return g.process_group
+        return ""
 
     def reset_stats(self) -> None:
         """Zero all counters (bases are kept)."""

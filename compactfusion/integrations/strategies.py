@@ -40,6 +40,7 @@ import torch.distributed as dist
 from .. import ops
 from ..attention import merge
 from ..collectives import (
+    PendingGather,
     all_gather_flat,
     compressed_all_gather,
     compressed_all_to_all,
@@ -229,7 +230,8 @@ def stale_attention(state, layer, attend_fn, query, key, value, group):
         work = start_compressed_all_gather(
             state.compressor, (layer, "kv"), local, group, async_op=True
         )
-        state.stale[layer] = {"work": work, "layout": layout}
+        world = dist.get_world_size(group)
+        state.stale[layer] = {"work": work, "layout": layout, "world": world}
     return out
 
 
@@ -268,3 +270,24 @@ def _stale_gather_compressed(state, layer, local, group, entry, fresh):
             return buf
         pending.wait()  # every rank reaches the same decision: all gather raw below
     return raw_all_gather(comp, site, local, group, buf)
+
+
+def settle_stale(state: PipelineState) -> None:
+    """Decode the ``stale`` mode's payloads still in flight (started after each layer's last
+    attention) into their bases, so that every receiver's base matches its sender's again
+    (every rank must call it). A layer whose last payload was a retry marker is restarted
+    on every rank instead. Leaves nothing in flight."""
+    comp = state.compressor
+    for layer, entry in list(state.stale.items()):
+        work = entry["work"]
+        if isinstance(work, PendingGather):
+            (shape, dtype), world = entry["layout"], entry["world"]
+            buf_key = (layer, "stale", shape, dtype)
+            buf = state.kv_buffers.get(buf_key)
+            if buf is None:
+                buf = work.payloads.new_empty((world, *shape), dtype=dtype)
+            if not finish_compressed_all_gather(comp, work, buf):
+                comp.restart([((layer, "kv"), r) for r in range(world)])
+        else:
+            work.wait()
+    state.stale.clear()

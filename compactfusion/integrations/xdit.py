@@ -24,6 +24,7 @@ import torch
 from ..attention import attend
 from ..config import CompactConfig
 from ..residual import ResidualCompressor
+from ..verify import check_bases
 from . import tracking
 from .state import STATE_ATTR, PipelineState
 from .strategies import kv_attention, ulysses_all_to_all
@@ -196,7 +197,10 @@ def _make_patched_class(cls: type) -> type:
         state.ensure_checked()
         state.new_generation()
         with tracking.running(state):
-            return cls.__call__(self, *args, **kwargs)
+            result = cls.__call__(self, *args, **kwargs)
+        if state.config.verify:
+            check_bases(self)  # raises BaseDivergenceError on every rank
+        return result
 
     namespace = {"__call__": __call__, "__module__": cls.__module__}
     return type(cls)(cls.__name__, (cls,), namespace)
