@@ -1,7 +1,8 @@
 """Device-to-host reads of the compressed collectives, counted with a TorchFunctionMode on 2 gloo
-ranks: none inside a steady-state compressed all-gather or all-to-all (also the custom ops
-and the all-gather attention strategy), and at most one per denoising step for everything
-compactfusion does (the step's flag read)."""
+ranks: none inside a steady-state compressed all-gather or all-to-all (through the all-gather
+attention strategy and the Ulysses all-to-all, as a patched pipeline calls them), and at most
+one per denoising step for everything compactfusion does (the step's flag read). In the
+steady state the bases also keep their storage (what a captured CUDA graph needs)."""
 
 import math
 
@@ -34,7 +35,7 @@ def _rank(rank, world):
         state = PipelineState(config=cfg, compressor=ResidualCompressor(cfg))
         q, k, v = (torch.randn(1, 2, 16, 32, dtype=torch.bfloat16) for _ in range(3))
         x = torch.randn(world * 8, 64, dtype=torch.bfloat16)
-        per_step, inside = [], []
+        per_step, inside, storage = [], [], []
         for step in range(STEPS):
             drift = 0.05 * step
             with HostReadCounter() as reads:
@@ -46,6 +47,8 @@ def _rank(rank, world):
                 state.end_step()
             per_step.append(reads.count())
             inside.append(reads.count(*COLLECTIVES))
+            storage.append(sorted(b.data_ptr() for _, b in state.compressor.base_items()))
+        assert len(set(map(tuple, storage))) == 1, (codec, storage)  # no base reallocated
         out[codec] = (per_step, inside, state.compressor.stats()["sent_payload_bytes"])
     # The ring relay still reads each received payload's header back (documented; and a
     # check that the counter sees reads made by the strategies).

@@ -36,14 +36,20 @@ _READS = {
 
 @dataclass
 class HostRead:
-    """One read: the operation and the names of the Python functions on the stack."""
+    """One read: the operation, and the names and files of the Python functions on the stack."""
 
     op: str
     stack: tuple[str, ...]
+    files: tuple[str, ...] = ()
 
     def inside(self, *functions: str) -> bool:
         """Whether any of ``functions`` (bare names) was running when the read happened."""
         return any(f in self.stack for f in functions)
+
+    def origin(self, skip: tuple[str, ...] = ()) -> str:
+        """The file of the innermost Python frame not under any of the ``skip`` directories
+        (e.g. torch's): the code that asked for the read."""
+        return next((f for f in self.files if not f.startswith(skip)), "")
 
 
 @dataclass
@@ -59,7 +65,7 @@ class HostReadCounter(TorchFunctionMode):
         kwargs = kwargs or {}
         op = _READS.get(func)
         if op is not None:
-            self.reads.append(HostRead(op, _stack()))
+            self.reads.append(HostRead(op, *_stack()))
         return func(*args, **kwargs)
 
     def count(self, *inside: str) -> int:
@@ -70,12 +76,13 @@ class HostReadCounter(TorchFunctionMode):
         self.reads.clear()
 
 
-def _stack() -> tuple[str, ...]:
-    frame, names = sys._getframe(2), []
+def _stack() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    frame, names, files = sys._getframe(2), [], []
     while frame is not None:
         names.append(frame.f_code.co_name)
+        files.append(frame.f_code.co_filename)
         frame = frame.f_back
-    return tuple(names)
+    return tuple(names), tuple(files)
 
 
 __all__ = ["HostRead", "HostReadCounter"]
