@@ -8,6 +8,8 @@ ranks, one spawned world for all checks: compiling on a CPU is slow).
   when the pipeline is wrapped, *before* ``patch``) and with ``torch.compile(transformer)``
   (*after* ``patch``), ``verify_bases`` finds every receiver's base equal to its sender's and
   the int2 error stays within 2x of the eager int2 error.
+- ``CompactConfig(verify=True)``: a base changed on one rank during a generation makes the
+  pipeline call raise ``BaseDivergenceError`` on every rank.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ def _world(rank, world):
     prepare_xfuser_cpu()
     import compactfusion as cf
     from compactfusion import CompactConfig
+    from compactfusion.integrations.state import STATE_ATTR
     from compactfusion.testing.tiny_pipelines import generate
 
     res = {}
@@ -110,6 +113,23 @@ def _world(rank, world):
     cf.patch(pipe, int2)
     res["xfuser_int2"] = rel(generate(pipe, "flux", steps=STEPS), reference)
     res["xfuser_verify"] = cf.verify_bases(pipe)
+    cf.unpatch(pipe)
+    # verify=True catches a base that differs (changed after the last step, on rank 1 only).
+    pipe = _build(2, 1)
+    cf.patch(pipe, int2.replace(verify=True))
+    state = getattr(pipe, STATE_ATTR)
+
+    def corrupt(module, args, output):
+        if rank == 1 and state.step == STEPS:
+            key, base = state.compressor.base_items()[0]
+            base.view(-1)[0] += 1
+
+    pipe.module.transformer.register_forward_hook(corrupt)
+    try:
+        generate(pipe, "flux", steps=STEPS)
+        res["verify_error"] = None
+    except cf.BaseDivergenceError as exc:
+        res["verify_error"] = str(exc)
     return res
 
 
@@ -125,3 +145,7 @@ def test_compiled_patched_transformer():
             assert verdict["agree"] and verdict["sites_checked"] > 0, verdict
             assert 0 < res[f"{entry}_int2"] <= 2 * res["eager_int2"], res
         assert res["module_repeat"]
+        assert (
+            res["verify_error"] is not None
+            and "differ between sender and receivers" in (res["verify_error"])
+        )
