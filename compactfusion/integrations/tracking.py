@@ -10,13 +10,13 @@ transformer.
 torch.compile: dynamo cannot read a ``ContextVar``, and Python side effects of traced code
 (attribute stores) are applied after the compiled graph runs, so nothing here may be decided
 inside the compiled graph at run time. The layer pre-hooks, which dynamo traces along with the
-transformer, therefore store plain attributes: the layer name and the per-layer exchange
-counter on the state, and the state itself on a process-wide trace scope that
-:func:`active_state` reads while compiling (the post-hook clears it, so code outside a patched
-layer sees none). The names become constants of the compiled graph (``compactfusion.ops``
-takes them as string arguments). The transformer's step hooks are excluded from compilation
-(``torch.compiler.disable``): with ``torch.compile(transformer)`` they run before and after the
-compiled forward, as in eager mode.
+transformer, therefore store plain attributes on the state (the layer name and the per-layer
+exchange counter), which become constants of the compiled graph (``compactfusion.ops`` takes
+them as string arguments); the adapter hands the traced code its pipeline's state directly
+(xdit's ``_Bound``), so :func:`active_state` is only used in eager mode. The transformer's step
+hooks are excluded from compilation (``torch.compiler.disable``): with
+``torch.compile(transformer)`` they run before and after the compiled forward, as in eager
+mode.
 
 Pipelines that call the transformer twice per step (the conditional and the unconditional
 branch of classifier-free guidance, inside diffusers' ``transformer.cache_context("cond")`` /
@@ -41,20 +41,9 @@ _ACTIVE: contextvars.ContextVar[PipelineState | None] = contextvars.ContextVar(
 )
 
 
-class _TraceScope:
-    """The patched pipeline whose attention layer dynamo is tracing (set and cleared by the
-    layer hooks; read by :func:`active_state` only while compiling)."""
-
-    state: PipelineState | None = None
-
-
-_TRACE = _TraceScope()
-
-
 def active_state() -> PipelineState | None:
-    """The state of the patched pipeline running in this context (None outside any)."""
-    if torch.compiler.is_compiling():
-        return _TRACE.state
+    """The state of the patched pipeline running in this context (None outside any). Eager
+    mode only: torch.compile cannot trace a ``ContextVar`` read."""
     return _ACTIVE.get()
 
 
@@ -91,9 +80,7 @@ def install_layer_hooks(
         name = name.removeprefix(name_prefix)
 
         def hook(module, args):
-            if torch.compiler.is_compiling():
-                _TRACE.state = state
-            elif _ACTIVE.get() is not state:
+            if not torch.compiler.is_compiling() and _ACTIVE.get() is not state:
                 return
             state.layer = name
             state.layer_exchanges = 0
@@ -101,9 +88,7 @@ def install_layer_hooks(
         return hook
 
     def post_hook(module, args, output):
-        if torch.compiler.is_compiling():
-            _TRACE.state = None
-        elif _ACTIVE.get() is not state:
+        if not torch.compiler.is_compiling() and _ACTIVE.get() is not state:
             return
         state.layer = None
 

@@ -10,13 +10,17 @@
 The module-level functions are swapped only while at least one pipeline is patched, and the
 replacements defer to the originals unless a patched pipeline is running in the current
 context (``tracking.active_state``), so other pipelines in the process behave exactly as
-before. All per-pipeline state lives in one :class:`~.state.PipelineState` attached to the
-pipeline.
+before. While a patched pipeline's call runs, its own bound replacements (``_Bound``) are
+installed instead: under torch.compile they carry the pipeline's state into the traced code
+and keep one compiled graph per patched pipeline. All per-pipeline state lives in one
+:class:`~.state.PipelineState` attached to the pipeline.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -130,6 +134,20 @@ class _Swap:
         cls.users += 1
 
     @classmethod
+    @contextlib.contextmanager
+    def bound(cls, replacements: dict[str, Any]) -> Iterator[None]:
+        """Install one pipeline's :class:`_Bound` replacements for the duration of its call."""
+        _, usp, _ = _xfuser_modules()
+        saved = {name: getattr(usp, name) for name in replacements}
+        for name, fn in replacements.items():
+            setattr(usp, name, fn)
+        try:
+            yield
+        finally:
+            for name, fn in saved.items():
+                setattr(usp, name, fn)
+
+    @classmethod
     def release(cls) -> None:
         cls.users -= 1
         if cls.users == 0:
@@ -137,6 +155,24 @@ class _Swap:
             for name, fn in cls.originals.items():
                 setattr(usp, name, fn)
             cls.originals = {}
+
+
+class _Bound:
+    """One patched pipeline's replacement for an xfuser function, installed while that
+    pipeline's call runs (``_Swap.bound``).
+
+    In eager mode it is the shared replacement (which finds the running pipeline through a
+    ``ContextVar``). While compiling it uses its own pipeline's state directly: dynamo cannot
+    read a ``ContextVar``, and because dynamo guards the module global it was loaded from, each
+    patched pipeline gets its own compiled graph, separate from unpatched runs."""
+
+    def __init__(self, state: PipelineState, shared, for_state):
+        self.state, self.shared, self.for_state = state, shared, for_state
+
+    def __call__(self, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            return self.for_state(self.state, *args, **kwargs)
+        return self.shared(*args, **kwargs)
 
 
 def _patched_ring_attn(
@@ -149,12 +185,29 @@ def _patched_ring_attn(
     joint_attn_kwargs=None,
     attention_kwargs=None,
 ):
-    state = tracking.active_state()
+    state = None if torch.compiler.is_compiling() else tracking.active_state()
     if state is None:
         return _Swap.originals["ring_attn"](
             attention_function, query, key, value, dropout_p, is_causal, joint_attn_kwargs,
             attention_kwargs,
         )  # fmt: skip
+    return _ring_attn_for(
+        state, attention_function, query, key, value, dropout_p, is_causal, joint_attn_kwargs,
+        attention_kwargs,
+    )  # fmt: skip
+
+
+def _ring_attn_for(
+    state,
+    attention_function,
+    query,
+    key,
+    value,
+    dropout_p=0.0,
+    is_causal=False,
+    joint_attn_kwargs=None,
+    attention_kwargs=None,
+):
     if is_causal:
         raise NotImplementedError("compactfusion ring attention does not support causal masks")
     _, usp, _ = _xfuser_modules()
@@ -181,8 +234,14 @@ def xfuser_attend_fn(attention_function, **kw):
 
 
 def _patched_all_to_all_single(x):
-    state = tracking.active_state()
-    if state is None or not state.config.compress_ulysses:
+    state = None if torch.compiler.is_compiling() else tracking.active_state()
+    if state is None:
+        return _Swap.originals["_sdpa_all_to_all_single"](x)
+    return _all_to_all_for(state, x)
+
+
+def _all_to_all_for(state, x):
+    if not state.config.compress_ulysses:
         return _Swap.originals["_sdpa_all_to_all_single"](x)
     _, usp, _ = _xfuser_modules()
     return ulysses_all_to_all(state, tracking.current_layer(state), x, usp.PROCESS_GROUP.ULYSSES_PG)
@@ -191,12 +250,12 @@ def _patched_all_to_all_single(x):
 # --------------------------------------------------------------------------------------------
 # Patching a pipeline instance
 # --------------------------------------------------------------------------------------------
-def _make_patched_class(cls: type) -> type:
+def _make_patched_class(cls: type, bound: dict[str, _Bound]) -> type:
     def __call__(self, *args, **kwargs):
         state: PipelineState = getattr(self, STATE_ATTR)
         state.ensure_checked()
         state.new_generation()
-        with tracking.running(state):
+        with tracking.running(state), _Swap.bound(bound):
             result = cls.__call__(self, *args, **kwargs)
         if state.config.verify:
             check_bases(self)  # raises BaseDivergenceError on every rank
@@ -222,7 +281,11 @@ def patch_xdit(pipe: Any, config: CompactConfig) -> PipelineState:
     tracking.install_branch_tracking(state, pipe.module.transformer)
     _Swap.acquire()
     try:
-        pipe.__class__ = _make_patched_class(type(pipe))
+        bound = {
+            "ring_attn": _Bound(state, _patched_ring_attn, _ring_attn_for),
+            "_sdpa_all_to_all_single": _Bound(state, _patched_all_to_all_single, _all_to_all_for),
+        }
+        pipe.__class__ = _make_patched_class(type(pipe), bound)
     except Exception:
         _Swap.release()
         tracking.remove_hooks(state)
