@@ -6,7 +6,9 @@ the uint8 payloads travel in one collective of fixed-size buffers, and every rec
 its peers' payloads against its own copy of their bases. A rank's own block is never encoded:
 it stays exact.
 
-:func:`compressed_all_gather` and :func:`compressed_all_to_all` read nothing back to the host:
+With a lossless codec (``raw``) they are plain collectives (no headers, no bases: there is
+nothing to compress against). Otherwise :func:`compressed_all_gather` and
+:func:`compressed_all_to_all` read nothing back to the host:
 all ranks are at the same call of the same site with the same shapes, so the compressor's
 shared state tells every rank whether the exchange is compressed and how large each payload
 is (``check_consistent`` verifies the configs once), and receivers decode without reading
@@ -135,6 +137,11 @@ def compressed_all_gather(
     """
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     out = gather_buffer(x, world, out)
+    if comp.codec.lossless:  # nothing to compress against: a plain all-gather, no bases
+        all_gather_flat(out.view(-1), x.contiguous().view(-1), group)
+        for r in range(world):
+            comp.count_plain((site, r), "send" if r == rank else "recv", x)
+        return out
     shape, dtype = tuple(x.shape), x.dtype
     compressed = comp.exchange_compressed(site, [(site, r) for r in range(world)], shape, dtype)
     nbytes = comp.exchange_nbytes(shape, dtype, compressed)
@@ -259,6 +266,13 @@ def compressed_all_to_all(
     chunks = x.chunk(world, dim=0)
     shape, dtype = tuple(chunks[0].shape), x.dtype
     peers = [j for j in range(world) if j != rank]
+    if comp.codec.lossless:  # nothing to compress against: a plain all-to-all, no bases
+        out = torch.empty_like(x)
+        dist.all_to_all_single(out, x.contiguous(), group=group)
+        for j in peers:
+            comp.count_plain((site, rank, j), "send", chunks[j])
+            comp.count_plain((site, j, rank), "recv", chunks[j])
+        return out
     keys = [(site, rank, j) for j in peers] + [(site, i, rank) for i in peers]
     compressed = comp.exchange_compressed(site, keys, shape, dtype)
     nbytes = comp.exchange_nbytes(shape, dtype, compressed)

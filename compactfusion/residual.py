@@ -423,6 +423,20 @@ class ResidualCompressor:
         st.raw_bytes += math.prod(shape) * dtype.itemsize
         st.payload_bytes += payload.numel()
 
+    def count_plain(self, key: Hashable, role: str, x: torch.Tensor) -> None:
+        """Count a plain (uncompressed, headerless) transfer of ``x`` at site ``key`` in the
+        statistics (``role``: "send" or "recv"); no base is kept. The collectives send this
+        way when the codec is lossless (``raw``): there is nothing to compress against."""
+        site = self._sites.get(key)
+        if site is None:
+            site = self._sites[key] = _Site(SiteStats(role))
+        st, nbytes = site.stats, x.numel() * x.element_size()
+        st.shape, st.dtype = tuple(x.shape), str(x.dtype).replace("torch.", "")
+        st.calls += 1
+        st.raw_sends += 1
+        st.raw_bytes += nbytes
+        st.payload_bytes += nbytes
+
     def end_step(self) -> bool:
         """Apply the status flags of this step's exchanges: one device-to-host read per device
         that had exchanges (none otherwise; returns whether it read). Call it once per
