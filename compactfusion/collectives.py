@@ -139,8 +139,10 @@ def compressed_all_gather(
     out = gather_buffer(x, world, out)
     if comp.codec.lossless:  # nothing to compress against: a plain all-gather, no bases
         all_gather_flat(out.view(-1), x.contiguous().view(-1), group)
+        comp.count_plain((site, rank), "send", x)
         for r in range(world):
-            comp.count_plain((site, r), "send" if r == rank else "recv", x)
+            if r != rank:
+                comp.count_plain((site, r), "recv", out[r])
         return out
     shape, dtype = tuple(x.shape), x.dtype
     compressed = comp.exchange_compressed(site, [(site, r) for r in range(world)], shape, dtype)
@@ -269,9 +271,11 @@ def compressed_all_to_all(
     if comp.codec.lossless:  # nothing to compress against: a plain all-to-all, no bases
         out = torch.empty_like(x)
         dist.all_to_all_single(out, x.contiguous(), group=group)
+        out_chunks = out.chunk(world, dim=0)
         for j in peers:
             comp.count_plain((site, rank, j), "send", chunks[j])
-            comp.count_plain((site, j, rank), "recv", chunks[j])
+        for i in peers:
+            comp.count_plain((site, i, rank), "recv", out_chunks[i])
         return out
     keys = [(site, rank, j) for j in peers] + [(site, i, rank) for i in peers]
     compressed = comp.exchange_compressed(site, keys, shape, dtype)

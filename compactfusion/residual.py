@@ -424,9 +424,10 @@ class ResidualCompressor:
         st.payload_bytes += payload.numel()
 
     def count_plain(self, key: Hashable, role: str, x: torch.Tensor) -> None:
-        """Count a plain (uncompressed, headerless) transfer of ``x`` at site ``key`` in the
-        statistics (``role``: "send" or "recv"); no base is kept. The collectives send this
-        way when the codec is lossless (``raw``): there is nothing to compress against."""
+        """Count a plain (uncompressed, headerless) transfer at site ``key`` in the statistics:
+        ``x`` is the tensor sent (``role="send"``) or received (``"recv"``); no base is kept.
+        The collectives send this way when the codec is lossless (``raw``): there is nothing
+        to compress against."""
         site = self._sites.get(key)
         if site is None:
             site = self._sites[key] = _Site(SiteStats(role))
