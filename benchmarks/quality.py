@@ -214,16 +214,23 @@ def optional_metrics(ref: torch.Tensor, test: torch.Tensor) -> tuple[dict, list[
 # --------------------------------------------------------------------------------------------
 # K/V observation
 # --------------------------------------------------------------------------------------------
-def _is_kv(key) -> bool:
+def _kv_layer(key) -> str | None:
+    """The layer of a K/V site key, or None for other sites: ``((layer, "kv"), src)`` (ring and
+    stale modes) or ``("layer/kv", src)`` (the all-gather exchange)."""
     site = key[0] if isinstance(key, tuple) and key else None
-    return isinstance(site, tuple) and len(site) == 2 and site[1] == "kv"
+    if isinstance(site, tuple) and len(site) == 2 and site[1] == "kv":
+        return site[0]
+    if isinstance(site, str) and site.endswith("/kv"):
+        return site[: -len("/kv")]
+    return None
 
 
 class KVProbe:
     """Per-step K/V error of one patched pipeline on one rank (see the module docstring).
 
-    Installs instance attributes ``encode``/``decode`` on the pipeline's compressor that call
-    the original methods; :meth:`close` deletes them (the class methods show through again).
+    Installs instance attributes ``encode``/``decode``/``send``/``receive``/``count_plain`` on
+    the pipeline's compressor that call the original methods; :meth:`close` deletes them (the
+    class methods show through again).
     """
 
     def __init__(
@@ -243,25 +250,48 @@ class KVProbe:
         self.err: dict[int, list[float]] = {}  # step -> [err^2, norm^2, ref err^2, ref norm^2]
         self._exact: dict = {}
         encode, decode = self.comp.encode, self.comp.decode
+        send, receive, count_plain = self.comp.send, self.comp.receive, self.comp.count_plain
         world = dist.get_world_size()
 
-        def probe_encode(key, x, force_raw=False):
-            if _is_kv(key):
+        def observe(key, x):
+            layer = _kv_layer(key)
+            if layer is not None:
                 gathered = [torch.empty_like(x) for _ in range(world)]
                 dist.all_gather(gathered, x.contiguous())
-                layer = key[0][0]
                 for src, t in enumerate(gathered):
                     self._exact[(layer, src)] = t
                 self._store(layer, gathered)
+
+        def probe_encode(key, x, force_raw=False):
+            observe(key, x)
             return encode(key, x, force_raw=force_raw)
 
         def probe_decode(key, payload, out=None, header=None):
             base = decode(key, payload, out=out, header=header)
-            if _is_kv(key):
-                self._measure(key[0][0], key[1], base)
+            if _kv_layer(key) is not None:
+                self._measure(_kv_layer(key), key[1], base)
             return base
 
+        def probe_send(group, items, compressed):
+            for key, x in items:
+                observe(key, x)
+            return send(group, items, compressed)
+
+        def probe_receive(group, key, payload, out, compressed):
+            receive(group, key, payload, out, compressed)
+            if _kv_layer(key) is not None:
+                self._measure(_kv_layer(key), key[1], out)
+
+        def probe_count_plain(key, role, x):  # lossless codec: plain collectives
+            count_plain(key, role, x)
+            if role == "send":
+                observe(key, x)
+            elif _kv_layer(key) is not None:
+                self._measure(_kv_layer(key), key[1], x)
+
         self.comp.encode, self.comp.decode = probe_encode, probe_decode
+        self.comp.send, self.comp.receive = probe_send, probe_receive
+        self.comp.count_plain = probe_count_plain
 
     def _store(self, layer, gathered) -> None:
         if self.stored is None:
@@ -304,7 +334,7 @@ class KVProbe:
                 acc[3] += float((ref**2).sum())
 
     def close(self) -> None:
-        for name in ("encode", "decode"):
+        for name in ("encode", "decode", "send", "receive", "count_plain"):
             self.comp.__dict__.pop(name, None)
 
     def per_step(self) -> list[tuple[float, float]]:

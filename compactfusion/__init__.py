@@ -11,6 +11,8 @@ receiver share, with error feedback. Entry points:
 - ``CompactConfig``: all settings (codec, warm-up, policy, mode), with named presets.
 - ``ResidualCompressor``: the per-site residual state, usable on its own.
 - ``compactfusion.codecs.get_codec``: the codecs (raw, fp8, int2, int1, nm_sparse, lowrank).
+- ``compactfusion.verify_bases(pipe)``: check (a collective) that every receiver's bases equal
+  their senders' bit for bit.
 """
 
 from .api import generation, is_patched, patch, patched, stats, unpatch
@@ -18,11 +20,13 @@ from .codecs import PayloadError, available_codecs, get_codec
 from .collectives import ConfigMismatchError
 from .config import PRESETS, CompactConfig
 from .residual import ResidualCompressor
+from .verify import BaseDivergenceError, verify_bases
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PRESETS",
+    "BaseDivergenceError",
     "CompactConfig",
     "ConfigMismatchError",
     "PayloadError",
@@ -35,4 +39,5 @@ __all__ = [
     "patched",
     "stats",
     "unpatch",
+    "verify_bases",
 ]

@@ -6,16 +6,22 @@ the uint8 payloads travel in one collective of fixed-size buffers, and every rec
 its peers' payloads against its own copy of their bases. A rank's own block is never encoded:
 it stays exact.
 
-Payload sizes are agreed without communication: all ranks are at the same call of the same
-site with the same shapes, so ``ResidualCompressor.payload_nbytes`` gives the same answer
-everywhere (``check_consistent`` verifies the configs once). The one exception is a rank whose
-input (or its residual or reconstruction) is not finite or out of range: it sends a small
-*retry marker* instead of a payload, and then every rank repeats the collective with raw
-payloads, which also restarts all bases of that site exactly.
+With a lossless codec (``raw``) they are plain collectives (no headers, no bases: there is
+nothing to compress against). Otherwise :func:`compressed_all_gather` and
+:func:`compressed_all_to_all` read nothing back to the host:
+all ranks are at the same call of the same site with the same shapes, so the compressor's
+shared state tells every rank whether the exchange is compressed and how large each payload
+is (``check_consistent`` verifies the configs once), and receivers decode without reading
+headers. A rank whose values are not finite (or out of range) marks its payloads with a
+device-side flag instead of changing their size; receivers then keep their bases and the
+problem is acted on by ``ResidualCompressor.end_step``, once per denoising step, which
+restarts the exchange raw on every rank. Call ``end_step`` once per step on every rank.
 
-The all-gather also comes in two halves, ``start_compressed_all_gather`` (encode and launch,
-optionally asynchronous) and ``finish_compressed_all_gather`` (wait and decode), for callers
-that overlap the transfer with other work (the ``stale`` mode of the xDiT integration).
+The ring relay and the asynchronous all-gather of the ``stale`` mode
+(``start_compressed_all_gather`` / ``finish_compressed_all_gather``) still use the older
+protocol: a rank whose input is not finite sends a small *retry marker* instead of a payload,
+which every rank learns about by reading the payload headers (one host read per call), and
+then every rank repeats the exchange with raw payloads, restarting the bases exactly.
 """
 
 from __future__ import annotations
@@ -43,6 +49,11 @@ def all_gather_flat(out: torch.Tensor, inp: torch.Tensor, group=None, async_op: 
     """
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     return fn(out, inp, group=group, async_op=async_op)
+
+
+def group_name(group: dist.ProcessGroup | None) -> str:
+    """The name of ``group`` (None: the default group), the same on every rank of it."""
+    return (group if group is not None else dist.group.WORLD).group_name
 
 
 class ConfigMismatchError(ValueError):
@@ -116,19 +127,34 @@ def compressed_all_gather(
     group: dist.ProcessGroup | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """All-gather ``x`` (same shape on every rank) as compressed residuals.
+    """All-gather ``x`` (same shape on every rank) as compressed residuals, without a host read.
 
     Returns ``out`` (or a new tensor) of shape ``(world, *x.shape)`` whose slot ``r`` holds
-    rank ``r``'s reconstructed block (this rank's own slot is ``x`` exactly). Peers' blocks are
-    decoded straight into ``out``, which then holds those sites' bases: pass the same ``out``
-    buffer every call (or ``None``) and do not modify it in between.
+    rank ``r``'s reconstructed block (this rank's own slot is ``x`` exactly). The bases live in
+    ``comp``; ``out`` is only written. A block whose sender's values were not finite is
+    decoded as it came (non-finite values stay visible) and leaves the bases alone; see
+    ``ResidualCompressor.end_step``.
     """
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     out = gather_buffer(x, world, out)
-    if not finish_compressed_all_gather(
-        comp, start_compressed_all_gather(comp, site, x, group), out
-    ):
-        return raw_all_gather(comp, site, x, group, out)
+    if comp.codec.lossless:  # nothing to compress against: a plain all-gather, no bases
+        all_gather_flat(out.view(-1), x.contiguous().view(-1), group)
+        comp.count_plain((site, rank), "send", x)
+        for r in range(world):
+            if r != rank:
+                comp.count_plain((site, r), "recv", out[r])
+        return out
+    shape, dtype = tuple(x.shape), x.dtype
+    compressed = comp.exchange_compressed(site, [(site, r) for r in range(world)], shape, dtype)
+    nbytes = comp.exchange_nbytes(shape, dtype, compressed)
+    (payload,) = comp.send(site, [((site, rank), x)], compressed)
+    comp.set_process_group(site, group_name(group))
+    gathered = torch.empty(world * nbytes, dtype=torch.uint8, device=x.device)
+    all_gather_flat(gathered, payload, group)
+    rows = gathered.view(world, nbytes)
+    for r in range(world):
+        if r != rank:
+            comp.receive(site, (site, r), rows[r], out[r], compressed)
     out[rank].copy_(x)
     return out
 
@@ -225,11 +251,13 @@ def compressed_all_to_all(
     x: torch.Tensor,
     group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
-    """All-to-all with equal splits along dim 0, as compressed residuals.
+    """All-to-all with equal splits along dim 0, as compressed residuals, without a host read.
 
     ``x`` has shape ``(world * c, ...)``; chunk ``j`` goes to rank ``j``. Returns a tensor of
     the same shape whose chunk ``i`` is rank ``i``'s chunk for this rank (this rank's own
-    chunk exact), like ``dist.all_to_all_single`` with equal splits.
+    chunk exact), like ``dist.all_to_all_single`` with equal splits. A sender whose chunks are
+    not all finite flags every chunk it sends, so every rank of the group learns of it.
+    ``site_policy`` must give the same answer for every (source, destination) pair of a site.
     """
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     if x.dim() == 0 or x.shape[0] % world:
@@ -238,60 +266,34 @@ def compressed_all_to_all(
             f"by the group size {world}"
         )
     chunks = x.chunk(world, dim=0)
-    shape = tuple(chunks[0].shape)
-    # Every rank is at the same call of the same sites, so all ranks find the same size.
-    nbytes = max(
-        comp.payload_nbytes((site, rank, j), shape, x.dtype) for j in range(world) if j != rank
-    )
-    send = torch.zeros(world, nbytes, dtype=torch.uint8, device=x.device)
-    retry = False
-    for j in range(world):
-        if j == rank:
-            continue
-        key = (site, rank, j)
-        need = comp.payload_nbytes(key, shape, x.dtype)
-        payload, marker = _encode_fixed(comp, key, chunks[j], need)
-        retry |= marker
-        send[j, : payload.numel()] = payload
-    if retry:
-        # Every peer must learn of the retry, not only those whose chunk was not finite:
-        # all ranks then repeat the exchange together.
-        marker = retry_marker(chunks[rank], nbytes)
-        for j in range(world):
-            send[j] = marker
+    shape, dtype = tuple(chunks[0].shape), x.dtype
+    peers = [j for j in range(world) if j != rank]
+    if comp.codec.lossless:  # nothing to compress against: a plain all-to-all, no bases
+        out = torch.empty_like(x)
+        dist.all_to_all_single(out, x.contiguous(), group=group)
+        out_chunks = out.chunk(world, dim=0)
+        for j in peers:
+            comp.count_plain((site, rank, j), "send", chunks[j])
+        for i in peers:
+            comp.count_plain((site, i, rank), "recv", out_chunks[i])
+        return out
+    keys = [(site, rank, j) for j in peers] + [(site, i, rank) for i in peers]
+    compressed = comp.exchange_compressed(site, keys, shape, dtype)
+    nbytes = comp.exchange_nbytes(shape, dtype, compressed)
+    payloads = comp.send(site, [((site, rank, j), chunks[j]) for j in peers], compressed)
+    comp.set_process_group(site, group_name(group))
+    send = torch.empty(world, nbytes, dtype=torch.uint8, device=x.device)
+    send[rank].zero_()  # this rank's own row travels to itself and is ignored
+    for j, payload in zip(peers, payloads, strict=True):
+        send[j] = payload
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
-    headers = host_headers(recv)
-    if retry or any(is_retry_marker(headers[i]) for i in range(world) if i != rank):
-        return _raw_all_to_all(comp, site, x, group)
-    return _decode_chunks(comp, site, x, rank, recv, headers)
-
-
-def _decode_chunks(comp, site, x, rank, recv, headers):
-    """Own chunk exact; every peer's (possibly padded) payload decoded into its chunk."""
-    chunks = x.chunk(recv.shape[0], dim=0)
     out = torch.empty_like(x)
-    for i, chunk in enumerate(out.chunk(recv.shape[0], dim=0)):
-        if i == rank:
-            chunk.copy_(chunks[i])
-            continue
-        need = comp.received_nbytes(recv[i], headers[i])
-        # Decode into the site's own base, then copy: the returned tensor belongs to the caller.
-        chunk.copy_(comp.decode((site, i, rank), recv[i, :need], header=headers[i]))
+    out_chunks = out.chunk(world, dim=0)
+    out_chunks[rank].copy_(chunks[rank])
+    for i in peers:
+        comp.receive(site, (site, i, rank), recv[i], out_chunks[i], compressed)
     return out
-
-
-def _raw_all_to_all(comp, site, x, group):
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    chunks = x.chunk(world, dim=0)
-    nbytes = comp.raw_payload_nbytes(tuple(chunks[0].shape), x.dtype)
-    send = torch.zeros(world, nbytes, dtype=torch.uint8, device=x.device)
-    for j in range(world):
-        if j != rank:
-            send[j] = comp.encode((site, rank, j), chunks[j], force_raw=True)
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
-    return _decode_chunks(comp, site, x, rank, recv, host_headers(recv))
 
 
 __all__ = [
@@ -302,6 +304,7 @@ __all__ = [
     "compressed_all_to_all",
     "finish_compressed_all_gather",
     "gather_buffer",
+    "group_name",
     "host_headers",
     "is_retry_marker",
     "raw_all_gather",

@@ -127,6 +127,10 @@ class CompactConfig:
             about half of bf16). Sender and receivers round the reconstruction identically,
             so bases stay bit-identical and the rounding is corrected at the next step; the
             attention reads the reconstruction before rounding.
+        verify: after each generation, compare every receiver's bases with their senders'
+            (``compactfusion.verify_bases``: one checksum exchange over all ranks) and raise
+            ``BaseDivergenceError`` on every rank if any differ. Needs
+            ``error_feedback=True`` (without it bases differ by design).
     """
 
     codec: str = "int2"
@@ -143,6 +147,7 @@ class CompactConfig:
     backend: str = "auto"
     max_base_bytes: int | None = None
     base_storage: str = "full"
+    verify: bool = False
 
     def __post_init__(self) -> None:
         if self.codec not in available_codecs():
@@ -157,7 +162,7 @@ class CompactConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name}: must be a non-negative integer, got {value!r}")
-        for name in ("residual", "error_feedback", "compress_ulysses"):
+        for name in ("residual", "error_feedback", "compress_ulysses", "verify"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: must be a bool, got {getattr(self, name)!r}")
         if self.site_policy is not None and not callable(self.site_policy):
@@ -184,6 +189,11 @@ class CompactConfig:
         if self.base_storage not in BASE_STORAGES:
             raise ValueError(
                 f"base_storage: must be one of {BASE_STORAGES}, got {self.base_storage!r}"
+            )
+        if self.verify and not self.error_feedback:
+            raise ValueError(
+                "verify: needs error_feedback=True (without error feedback the sender keeps "
+                "the exact activation, so its bases differ from the receivers' by design)"
             )
         if not self.residual and not self.error_feedback:
             raise ValueError(

@@ -182,12 +182,13 @@ def exchange_footprint(
     """Footprint of the collectives' keys on one rank.
 
     ``(site, src)`` (all-gather, ring pass, stale gather over ``kv_world`` ranks): the rank's
-    own block as sender plus ``kv_world - 1`` peers' blocks as receiver. In ``allgather`` and
-    ``stale`` modes with full storage the receivers' bases live in a persistent gathered
-    buffer that also holds the rank's own block: one block more. ``(site, src, dst)``
+    own block as sender plus ``kv_world - 1`` peers' blocks as receiver. In ``stale`` mode
+    with full storage the receivers' bases live in a persistent gathered buffer that also
+    holds the rank's own block: one block more. (In ``allgather`` mode the gathered K/V are a
+    temporary of each call, separate from the bases.) ``(site, src, dst)``
     (all-to-all over ``a2a_world`` ranks): ``a2a_world - 1`` blocks sent and as many received.
     """
-    gathered = mode in ("allgather", "stale") and storage == "full"
+    gathered = mode == "stale" and storage == "full"
     kv_blocks = kv_world + (1 if gathered else 0)
     a2a_blocks = 2 * (a2a_world - 1)
 
@@ -413,8 +414,8 @@ def estimate(model: ModelShape, mode: str, n: int, storage: str = "full") -> Est
     """Per-rank base memory of ``model`` on ``n`` ranks.
 
     ``allgather``/``ring``/``stale``: one K/V site per layer and branch; the rank keeps ``n``
-    blocks of ``kv_block_shape(n)`` as bases, plus (``allgather``/``stale``, full storage) its
-    own block in the gathered buffer. ``ulysses``: ``a2a`` sites per layer and branch, each
+    blocks of ``kv_block_shape(n)`` as bases, plus (``stale``, full storage) its own block in
+    the persistent gathered buffer. ``ulysses``: ``a2a`` sites per layer and branch, each
     keeping ``2 (n - 1)`` chunks. ``distrifusion``: uncompressed stale K/V (codec ``raw`` in
     ``stale`` mode), no bases: the ``n`` blocks of the previous step's gather are held.
     Activation-sized temporaries of a step (the gathered K/V the attention reads, the

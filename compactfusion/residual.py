@@ -12,6 +12,21 @@ next step's residual (error feedback), so quantization errors do not accumulate.
 ``warmup_steps`` calls of a site, calls with a new shape or dtype, sites smaller than
 ``min_numel`` and sites the policy declines are sent raw, which also sets the base exactly.
 
+Two ways to use it:
+
+* ``encode`` / ``decode``: one self-describing payload at a time. Non-finite or out-of-range
+  values are found with a host read and sent raw (the payload is then larger).
+* ``send`` / ``receive`` / ``end_step``: the path of the compressed collectives, with no host
+  read per call. Sites exchanged together form a *group* (one collective) that is compressed
+  or raw as a whole, so every rank knows every payload's size and layout from state they
+  share, and receivers never read headers back. Problems become device-side status flags:
+  a sender whose values are not finite still sends a payload of the agreed size, marked
+  ``FLAG_NOT_FINITE`` in its header; every holder of those sites keeps the previous bases
+  (nothing non-finite is stored), while the receivers' outputs show the (non-finite) decoded
+  values, as the uncompressed exchange would have. ``end_step`` (once per denoising step)
+  reads every group's flags with one device-to-host copy, counts and logs the event, and
+  restarts the affected groups with raw payloads on every rank.
+
 Every base is assigned through a :class:`~compactfusion.memory.BaseStore`, which counts its
 bytes, applies ``max_base_bytes`` (a refused site keeps no base, so it is always sent raw) and
 stores it in ``base_storage`` format (see ``compactfusion.memory``). Blocks that can never be
@@ -31,7 +46,15 @@ import torch
 
 from .backend import resolve_backend
 from .codecs import NonFiniteInput, PayloadError, decode_header, get_codec
-from .codecs.base import check_fits
+from .codecs.base import (
+    FLAG_NOT_FINITE,
+    FLAG_OUT_OF_RANGE,
+    FLAGS_OFFSET,
+    check_fits,
+    deferred_checks,
+    header_mismatch,
+    require_finite,
+)
 from .config import CompactConfig
 from .memory import BaseStore, CompactBase, Footprint, dequantized, stored_nbytes
 from .policy import worth_compressing
@@ -41,6 +64,13 @@ logger = logging.getLogger(__name__)
 # Activations and bases beyond this magnitude (or not finite) are sent raw. With both within
 # it, x - base cannot overflow float32; the fused kernels, which cannot raise, rely on that.
 MAX_MAGNITUDE = 2.0**126
+
+# Status bits of an exchange group, OR-ed on the device and read by ``end_step``. The first two
+# travel in the payload headers, so every rank of a collective ends up with the same bits.
+NOT_FINITE = FLAG_NOT_FINITE  # a sender's values were not finite: that payload is undefined
+OUT_OF_RANGE = FLAG_OUT_OF_RANGE  # a raw base is not finite or beyond MAX_MAGNITUDE
+HEADER_MISMATCH = 4  # a received header differs from the layout the ranks agreed on
+OWN_NOT_FINITE = 8  # this rank's own values were not finite (statistics and warning only)
 
 
 def _max_abs(t: torch.Tensor) -> torch.Tensor:
@@ -101,6 +131,17 @@ class _Site:
 
 
 @dataclass
+class _Group:
+    """Sites exchanged together by one collective: compressed or raw as a whole."""
+
+    device: torch.device
+    slot: int  # index in the compressor's flag vector for ``device``
+    keys: set = field(default_factory=set)
+    raw_next: bool = False  # a base is out of range: exchange raw until it is not
+    process_group: str = ""  # name of the process group it runs over (for verify_bases)
+
+
+@dataclass
 class ResidualCompressor:
     """Per-site residual compression state for one pipeline (or one collective).
 
@@ -121,6 +162,9 @@ class ResidualCompressor:
         self._raw = get_codec("raw")
         self._sites: dict[Hashable, _Site] = {}
         self._warned: set[str] = set()
+        self._groups: dict[Hashable, _Group] = {}
+        self._flags: dict[torch.device, torch.Tensor] = {}  # uint8 status per group slot
+        self._slots: dict[torch.device, list[Hashable]] = {}
         self.store = BaseStore(
             self.config.max_base_bytes,
             self.config.base_storage,
@@ -245,11 +289,11 @@ class ResidualCompressor:
                 # synchronisation. Both within MAX_MAGNITUDE (nan fails) keeps every later
                 # x - base finite; a scale that overflowed shows as inf or nan in new_base.
                 biggest = torch.maximum(_max_abs(x), _max_abs(new_base))
-                if not bool(biggest <= MAX_MAGNITUDE):
-                    raise NonFiniteInput(
-                        f"{self.codec.name}: input or reconstruction not finite or beyond "
-                        f"{MAX_MAGNITUDE:g}"
-                    )
+                require_finite(
+                    biggest <= MAX_MAGNITUDE,
+                    f"{self.codec.name}: input or reconstruction not finite or beyond "
+                    f"{MAX_MAGNITUDE:g}",
+                )
                 return payload, new_base
         return self.codec.encode_residual(x, base, site.codec_state)
 
@@ -303,9 +347,12 @@ class ResidualCompressor:
         site.stats.payload_bytes += payload.numel()
         return value
 
-    def _decode_compressed(self, site, payload, shape, dtype, out):
+    def _decode_compressed(self, site, payload, shape, dtype, out, check_header=True):
         if not self.config.residual:
-            value = self.codec.decode(payload)
+            if check_header:
+                value = self.codec.decode(payload)
+            else:
+                value = self.codec.decode_known(payload, shape, dtype)
             if out is None:
                 return value
             return out.copy_(value.reshape(out.shape))
@@ -323,7 +370,191 @@ class ResidualCompressor:
             except kernels.KernelUnsupported as exc:
                 site.stats.kernel_fallbacks += 1
                 self._warn_once(f"kernel:{exc}", f"Triton kernels declined ({exc}); using torch")
-        return self.codec.decode_residual(payload, base, out)
+        return self.codec.decode_residual(payload, base, out, check_header=check_header)
+
+    # --- exchanges without host reads (the compressed collectives) ----------------------------
+    def exchange_compressed(
+        self,
+        group: Hashable,
+        keys: list[Hashable],
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+    ) -> bool:
+        """Whether the next exchange of ``group`` (this rank's sites ``keys`` of it, sent and
+        received, all of ``shape``/``dtype``) uses compressed payloads. Every rank of the
+        collective gets the same answer from state they share (calls, shapes, flags)."""
+        g = self._groups.get(group)
+        if g is not None and g.raw_next:
+            return False
+        return all(self.will_compress(k, shape, dtype) for k in keys)
+
+    def exchange_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype, compressed: bool) -> int:
+        """Size of every payload of an exchange decided by :meth:`exchange_compressed`."""
+        codec = self.codec if compressed else self._raw
+        return codec.payload_nbytes(shape, dtype)
+
+    def send(
+        self, group: Hashable, items: list[tuple[Hashable, torch.Tensor]], compressed: bool
+    ) -> list[torch.Tensor]:
+        """Sender side of an exchange: encode each ``(key, x)`` (compressed or raw, as
+        :meth:`exchange_compressed` decided) and update its base, without a host read.
+
+        The status of all items (not finite, or a raw value out of range) is OR-ed and written
+        into every payload's flags byte, so each receiver learns about any of them; when a
+        value was not finite, every compressed base of ``items`` keeps its previous value,
+        exactly as the receivers' do."""
+        device = items[0][1].device
+        payloads, updates, status = [], [], None
+        for key, x in items:
+            site = self._site(key, "send", x)
+            self._join(group, key, device)
+            if compressed:
+                with deferred_checks() as checks:
+                    payload, new_base = self._encode_compressed(site, x)
+                item_status = checks.failed(device).to(torch.uint8) * NOT_FINITE
+                updates.append((site, new_base))
+            else:
+                payload = self._raw.encode(x)
+                item_status = (~(_max_abs(x) <= MAX_MAGNITUDE)).to(torch.uint8) * OUT_OF_RANGE
+                _store_value(site, x)
+                site.stats.raw_sends += 1
+            site.calls += 1
+            status = item_status if status is None else status | item_status
+            payloads.append(payload)
+            self._count(site, x, payload)
+        for payload in payloads:
+            payload[FLAGS_OFFSET : FLAGS_OFFSET + 1].copy_(status.reshape(1))
+        if updates:
+            failed = (status & NOT_FINITE) != 0
+            for site, new_base in updates:
+                _keep_unless(site, failed, new_base.reshape(site.base.shape))
+        own = (status & NOT_FINITE) * (OWN_NOT_FINITE // NOT_FINITE)
+        self._record(group, status | own)
+        return payloads
+
+    def receive(
+        self,
+        group: Hashable,
+        key: Hashable,
+        payload: torch.Tensor,
+        out: torch.Tensor,
+        compressed: bool,
+    ) -> None:
+        """Receiver side of an exchange: decode ``payload`` (of the layout
+        :meth:`exchange_compressed` decided, for a tensor shaped like ``out``) into ``out`` and
+        update the site's base, without a host read. A payload flagged not finite is decoded
+        into ``out`` as it is (its non-finite values stay visible) but leaves the base alone."""
+        shape, dtype, device = tuple(out.shape), out.dtype, out.device
+        site = self._sites.get(key)
+        if site is None:
+            site = self._sites[key] = _Site(key, SiteStats("recv"), self.store)
+        self._join(group, key, device)
+        codec = self.codec if compressed else self._raw
+        mismatch = header_mismatch(payload, codec.device_header(shape, dtype, device))
+        flags = payload[FLAGS_OFFSET]
+        if compressed:
+            base = site.base  # as stored (a tensor, or a CompactBase with base_storage)
+            if base is None or tuple(base.shape) != shape or base.dtype != dtype:
+                raise PayloadError(
+                    f"site {key!r}: a compressed exchange of {shape} {dtype} but the base is "
+                    f"{None if base is None else (tuple(base.shape), base.dtype)}; configs or "
+                    "call order differ across ranks"
+                )
+            self._decode_compressed(site, payload, shape, dtype, out, check_header=False)
+            keep = ((flags & NOT_FINITE) != 0) | mismatch
+            _keep_unless(site, keep, out)
+            site.calls += 1
+        else:
+            data = self._raw.payload_data(payload, shape, dtype)
+            out.copy_(data.view(dtype).reshape(shape))
+            restarted = site.base is None or (
+                tuple(site.base.shape) != shape or site.base.dtype != dtype
+            )
+            _store_value(site, out)
+            site.calls = 1 if restarted else site.calls + 1
+            site.stats.raw_sends += 1
+        self._record(group, flags | mismatch.to(torch.uint8) * HEADER_MISMATCH)
+        st = site.stats
+        st.shape, st.dtype = shape, str(dtype).replace("torch.", "")
+        st.calls += 1
+        st.raw_bytes += math.prod(shape) * dtype.itemsize
+        st.payload_bytes += payload.numel()
+
+    def count_plain(self, key: Hashable, role: str, x: torch.Tensor) -> None:
+        """Count a plain (uncompressed, headerless) transfer at site ``key`` in the statistics:
+        ``x`` is the tensor sent (``role="send"``) or received (``"recv"``); no base is kept.
+        The collectives send this way when the codec is lossless (``raw``): there is nothing
+        to compress against."""
+        site = self._sites.get(key)
+        if site is None:
+            site = self._sites[key] = _Site(key, SiteStats(role), self.store)
+        st, nbytes = site.stats, x.numel() * x.element_size()
+        st.shape, st.dtype = tuple(x.shape), str(x.dtype).replace("torch.", "")
+        st.calls += 1
+        st.raw_sends += 1
+        st.raw_bytes += nbytes
+        st.payload_bytes += nbytes
+
+    def end_step(self) -> bool:
+        """Apply the status flags of this step's exchanges: one device-to-host read per device
+        that had exchanges (none otherwise; returns whether it read). Call it once per
+        denoising step on every rank.
+
+        Groups that carried non-finite values restart with raw payloads (on every rank: the
+        flags travelled in the payloads), groups whose raw bases are out of range stay raw
+        until they are not, and a header that differed from the agreed layout raises
+        :class:`PayloadError`."""
+        for device, vec in self._flags.items():
+            values = vec.tolist()  # the step's one host read
+            vec.zero_()
+            for group, value in zip(self._slots[device], values, strict=True):
+                if value:
+                    self._apply_status(group, value)
+                else:
+                    self._groups[group].raw_next = False
+        return bool(self._flags)
+
+    def _apply_status(self, group: Hashable, value: int) -> None:
+        g = self._groups[group]
+        if value & HEADER_MISMATCH:
+            raise PayloadError(
+                f"exchange {group!r}: a received payload header differs from the layout the "
+                "ranks agreed on; configs or call order differ across ranks"
+            )
+        if value & OWN_NOT_FINITE:
+            for key in g.keys:
+                site = self._sites[key]
+                if site.stats.role == "send":
+                    site.stats.nonfinite += 1
+            self._warn_once(
+                "nonfinite",
+                f"non-finite (or out-of-range) values in exchange {group!r}: bases kept, "
+                "the exchange restarts raw",
+            )
+        if value & NOT_FINITE:
+            for key in g.keys:
+                site = self._sites[key]
+                site.base, site.codec_state, site.calls = None, None, 0
+        g.raw_next = bool(value & OUT_OF_RANGE)
+
+    def _join(self, group: Hashable, key: Hashable, device: torch.device) -> None:
+        g = self._groups.get(group)
+        if g is None:
+            slots = self._slots.setdefault(device, [])
+            g = self._groups[group] = _Group(device, len(slots))
+            slots.append(group)
+            old = self._flags.get(device)
+            vec = torch.zeros(len(slots), dtype=torch.uint8, device=device)
+            if old is not None:
+                vec[: old.numel()] = old
+            self._flags[device] = vec
+        elif g.device != device:
+            raise ValueError(f"exchange {group!r} moved from {g.device} to {device}")
+        g.keys.add(key)
+
+    def _record(self, group: Hashable, status: torch.Tensor) -> None:
+        g = self._groups[group]
+        self._flags[g.device][g.slot : g.slot + 1].bitwise_or_(status.reshape(1))
 
     # --- bookkeeping --------------------------------------------------------------------------
     def base(self, key: Hashable) -> torch.Tensor | None:
@@ -342,10 +573,42 @@ class ResidualCompressor:
         return {k: s.base for k, s in self._sites.items() if s.base is not None}
 
     def reset(self) -> None:
-        """Forget all bases, codec states and budget decisions (keeps the statistics)."""
+        """Forget all bases, codec states, budget decisions and pending exchange flags (keeps
+        the statistics)."""
         for site in self._sites.values():
             site.base, site.codec_state, site.calls = None, None, 0
         self.store.reset()
+        for vec in self._flags.values():
+            vec.zero_()
+        for g in self._groups.values():
+            g.raw_next = False
+
+    def base_items(self) -> list[tuple[Hashable, torch.Tensor]]:
+        """``(key, base)`` of every site that holds a base (for cross-rank checks)."""
+        return [(k, s.full_base()) for k, s in self._sites.items() if s.base is not None]
+
+    def restart(self, keys: list[Hashable]) -> None:
+        """Forget the bases (and codec states) of ``keys``: their next call is sent raw. Every
+        holder of a site must restart it together."""
+        for key in keys:
+            site = self._sites.get(key)
+            if site is not None:
+                site.base, site.codec_state, site.calls = None, None, 0
+
+    def set_process_group(self, group: Hashable, name: str) -> None:
+        """Record which process group exchange ``group`` runs over (a name the same on all
+        its ranks): sites of equal keys in different process groups are different sites."""
+        g = self._groups.get(group)
+        if g is not None:
+            g.process_group = name
+
+    def process_group_of(self, key: Hashable) -> str:
+        """The process group name recorded for the exchange that ``key`` belongs to ("" if
+        none was recorded, e.g. sites used only through ``encode``/``decode``)."""
+        for g in self._groups.values():
+            if key in g.keys:
+                return g.process_group
+        return ""
 
     def reset_stats(self) -> None:
         """Zero all counters (bases are kept; the peak restarts from the bytes held now)."""
@@ -413,3 +676,30 @@ class ResidualCompressor:
         if tag not in self._warned:
             self._warned.add(tag)
             logger.warning("compactfusion: %s", message)
+
+
+def _store_value(site: _Site, value: torch.Tensor) -> None:
+    """Make ``value`` (the caller's tensor) the site's base: copied into the stored tensor when
+    it has the same layout (the base keeps its storage, as CUDA graphs need), else stored
+    through the ``BaseStore`` (which may refuse it or round it to compact storage)."""
+    base = site.base
+    if (
+        isinstance(base, torch.Tensor)
+        and base.shape == value.shape
+        and base.dtype == value.dtype
+        and base.device == value.device
+    ):
+        base.copy_(value)
+    else:
+        site.keep_copy(value.detach())
+
+
+def _keep_unless(site: _Site, keep: torch.Tensor, new_base: torch.Tensor) -> None:
+    """``base <- base if keep else new_base`` with the device-side flag ``keep`` (no host
+    read): in place for a full-precision base, through the ``BaseStore`` for a compact one
+    (both sides round the same value, so bases stay bit-identical)."""
+    base = site.base
+    if isinstance(base, torch.Tensor):
+        torch.where(keep, base, new_base, out=base)
+    else:
+        site.base = torch.where(keep, site.full_base(), new_base)

@@ -13,10 +13,23 @@ follows can be viewed as fp32/bf16 without misalignment)::
     3       1     codec id (see ``Codec.codec_id``)
     4       1     dtype code: 0 float32, 1 float16, 2 bfloat16
     5       1     ndim (0..8)
-    6       2     reserved, zero
+    6       1     status flags (bit 0, FLAG_NOT_FINITE: the sender's input, residual or
+                  reconstruction was not finite or out of range, see "Deferred checks";
+                  bit 1, FLAG_OUT_OF_RANGE: raw values too large or not finite to compress
+                  against)
+    7       1     reserved, zero
     8       8     four uint16 codec parameters (e.g. group size, N and M, rank)
     16      8*nd  shape, int64 per dimension
     ...           zero padding to a multiple of 16
+
+Headers are built on the host once per (codec, dtype, shape, device) and cached on the device
+(:func:`device_header`), so encoding a payload never packs or copies header bytes from the host.
+
+Deferred checks: a lossy codec refuses inf/nan (and reconstructions that would overflow the
+dtype) by raising :class:`NonFiniteInput`, which costs a device-to-host read per check. Inside
+:func:`deferred_checks` the same checks instead OR a device-side flag that the caller reads
+later (the compressed collectives read all their flags once per denoising step); the payload
+is then undefined and must be marked with ``FLAG_NOT_FINITE``.
 
 Every codec views its input as a matrix of ``rows = numel / shape[-1]`` tokens by
 ``cols = shape[-1]`` channels (a 0-d tensor is 1x1). Scales are per token or per group of
@@ -25,9 +38,13 @@ channels inside one token, never over the whole tensor, so one pass over the inp
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import math
 import struct
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -35,8 +52,12 @@ import torch
 MAGIC = b"CF"
 FORMAT_VERSION = 1
 MAX_NDIM = 8
-_FIXED = struct.Struct("<2sBBBBH4H")  # 16 bytes
+_FIXED = struct.Struct("<2sBBBBBB4H")  # 16 bytes
 ALIGN = 16
+FLAGS_OFFSET = 6  # byte of the header holding the status flags
+FLAG_NOT_FINITE = 1  # the payload is undefined: the sender's values were not finite
+FLAG_OUT_OF_RANGE = 2  # a raw payload whose values cannot serve as a base (see residual.py)
+_KNOWN_FLAGS = FLAG_NOT_FINITE | FLAG_OUT_OF_RANGE
 
 DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 CODE_DTYPES: dict[int, torch.dtype] = {v: k for k, v in DTYPE_CODES.items()}
@@ -192,17 +213,62 @@ class Codec(ABC):
         return payload, total.to(base.dtype).reshape(base.shape)
 
     def decode_residual(
-        self, payload: torch.Tensor, base: torch.Tensor, out: torch.Tensor | None = None
+        self,
+        payload: torch.Tensor,
+        base: torch.Tensor,
+        out: torch.Tensor | None = None,
+        *,
+        check_header: bool = True,
     ) -> torch.Tensor:
-        """Receiver side of one step: ``out = base + decode(payload)`` (``out`` may be ``base``)."""
-        shape, dtype, data = self.parse(payload)
-        if tuple(base.shape) != tuple(shape) or base.dtype != dtype:
-            raise PayloadError(
-                f"payload describes a {tuple(shape)} {dtype} tensor but the base is "
-                f"{tuple(base.shape)} {base.dtype}"
-            )
+        """Receiver side of one step: ``out = base + decode(payload)`` (``out`` may be ``base``).
+
+        With ``check_header=False`` the header is not read back (no device-to-host transfer):
+        the payload must be one this codec encoded for a tensor of ``base``'s shape and dtype,
+        which the caller knows from state both sides share (only the size is checked; see
+        :func:`header_mismatch` for a device-side check of the header).
+        """
+        if check_header:
+            shape, dtype, data = self.parse(payload)
+            if tuple(base.shape) != tuple(shape) or base.dtype != dtype:
+                raise PayloadError(
+                    f"payload describes a {tuple(shape)} {dtype} tensor but the base is "
+                    f"{tuple(base.shape)} {base.dtype}"
+                )
+        else:
+            shape, dtype = tuple(base.shape), base.dtype
+            data = self.payload_data(payload, shape, dtype)
         rows, cols = rows_cols(shape)
         return add_rounded(base, self._decode_rows(data, rows, cols, dtype), out)
+
+    def decode_known(
+        self, payload: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype
+    ) -> torch.Tensor:
+        """``decode`` for a payload this codec encoded for ``shape``/``dtype``, without reading
+        the header back (see ``decode_residual(check_header=False)``)."""
+        rows, cols = rows_cols(shape)
+        data = self.payload_data(payload, shape, dtype)
+        return self._decode_rows(data, rows, cols, dtype).to(dtype).reshape(shape)
+
+    def payload_data(
+        self, payload: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype
+    ) -> torch.Tensor:
+        """The data section of a payload this codec encoded for ``shape``/``dtype``, sliced
+        without reading the header (its size is checked)."""
+        need = self.payload_nbytes(shape, dtype)
+        if payload.dtype != torch.uint8 or payload.dim() != 1 or payload.numel() != need:
+            raise PayloadError(
+                f"{self.name} payload for shape {tuple(shape)} {dtype} must be a 1-D uint8 "
+                f"tensor of {need} bytes, got {tuple(payload.shape)} {payload.dtype}"
+            )
+        hdr = header_nbytes(len(shape))
+        rows, cols = rows_cols(shape)
+        return payload[hdr : hdr + self._data_nbytes(rows, cols, dtype)]
+
+    def device_header(
+        self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
+    ) -> torch.Tensor:
+        """This codec's header for ``shape``/``dtype`` on ``device`` (cached; do not modify)."""
+        return device_header(self.codec_id, dtype, tuple(shape), self.header_params(), device)
 
     # --- header -------------------------------------------------------------------------------
     def _assemble(
@@ -220,11 +286,12 @@ class Codec(ABC):
                 f"expected {expected} uint8"
             )
         hdr = header_nbytes(len(shape))
-        payload = torch.zeros(hdr + align_up(expected), dtype=torch.uint8, device=data.device)
-        payload[:hdr] = encode_header(self.codec_id, dtype, shape, self.header_params()).to(
-            data.device
-        )
+        total = hdr + align_up(expected)
+        payload = torch.empty(total, dtype=torch.uint8, device=data.device)
+        payload[:hdr] = self.device_header(shape, dtype, data.device)
         payload[hdr : hdr + expected] = data
+        if total > hdr + expected:
+            payload[hdr + expected :] = 0
         return payload
 
     def parse(self, payload: torch.Tensor) -> tuple[tuple[int, ...], torch.dtype, torch.Tensor]:
@@ -280,23 +347,72 @@ def rounding_limit(dtype: torch.dtype) -> float:
     return fi.max + 2.0 ** math.floor(math.log2(fi.max)) * fi.eps / 2
 
 
+class DeferredChecks:
+    """The device-side outcome of the checks made inside :func:`deferred_checks`."""
+
+    def __init__(self) -> None:
+        self._failed: torch.Tensor | None = None
+
+    def add(self, failed: torch.Tensor) -> None:
+        """OR a 0-d bool tensor (True: a check failed) into the outcome (no host read)."""
+        self._failed = failed if self._failed is None else self._failed | failed
+
+    def failed(self, device: torch.device | str) -> torch.Tensor:
+        """0-d bool tensor on ``device``: whether any check failed (False if none ran)."""
+        if self._failed is None:
+            return torch.zeros((), dtype=torch.bool, device=device)
+        return self._failed
+
+
+_DEFERRED: contextvars.ContextVar[DeferredChecks | None] = contextvars.ContextVar(
+    "compactfusion_deferred_checks", default=None
+)
+
+
+@contextlib.contextmanager
+def deferred_checks() -> Iterator[DeferredChecks]:
+    """Run codec calls whose finiteness checks record a device-side flag instead of raising.
+
+    ``with deferred_checks() as checks: payload, base = codec.encode_residual(x, base)`` then
+    ``checks.failed(device)`` tells (on the device, no synchronisation) whether the payload
+    and new base are undefined because a value was not finite or out of range. Outside this
+    context, :func:`check_finite` and :func:`check_fits` raise :class:`NonFiniteInput`."""
+    checks = DeferredChecks()
+    token = _DEFERRED.set(checks)
+    try:
+        yield checks
+    finally:
+        _DEFERRED.reset(token)
+
+
+def require_finite(ok: torch.Tensor, message: str) -> None:
+    """Raise :class:`NonFiniteInput` with ``message`` unless the 0-d bool tensor ``ok`` is
+    True; inside :func:`deferred_checks`, record ``~ok`` instead (no host read)."""
+    deferred = _DEFERRED.get()
+    if deferred is not None:
+        deferred.add(~ok)
+    elif not bool(ok):
+        raise NonFiniteInput(message)
+
+
 def check_finite(t: torch.Tensor, name: str) -> None:
-    """Raise :class:`NonFiniteInput` unless every element of ``t`` is finite. Codecs pass a
-    reduction that propagates inf and nan (a max of magnitudes) when they have one: checking
-    it costs nothing next to a pass over the residual."""
-    if not bool(torch.isfinite(t).all()):
-        raise NonFiniteInput(f"{name} cannot encode non-finite values (inf or nan)")
+    """Raise :class:`NonFiniteInput` unless every element of ``t`` is finite (inside
+    :func:`deferred_checks`: record the outcome instead). Codecs pass a reduction that
+    propagates inf and nan (a max of magnitudes) when they have one: checking it costs
+    nothing next to a pass over the residual."""
+    require_finite(torch.isfinite(t).all(), f"{name} cannot encode non-finite values (inf or nan)")
 
 
 def check_fits(t: torch.Tensor, dtype: torch.dtype, name: str) -> None:
     """Raise :class:`NonFiniteInput` unless every value of the float32 tensor ``t`` stays
-    finite when rounded to ``dtype`` (nan fails too). One reduction pass."""
+    finite when rounded to ``dtype`` (nan fails too); inside :func:`deferred_checks`, record
+    the outcome instead. One reduction pass."""
     lo, hi = torch.aminmax(t)
     limit = rounding_limit(dtype)
-    if not bool((lo > -limit) & (hi < limit)):
-        raise NonFiniteInput(
-            f"{name}: the reconstruction is not finite in {str(dtype).replace('torch.', '')}"
-        )
+    require_finite(
+        (lo > -limit) & (hi < limit),
+        f"{name}: the reconstruction is not finite in {str(dtype).replace('torch.', '')}",
+    )
 
 
 def encode_header(
@@ -311,13 +427,50 @@ def encode_header(
     for p in params:
         if not 0 <= p < 1 << 16:
             raise ValueError(f"header parameter {p} does not fit in uint16")
-    raw = _FIXED.pack(MAGIC, FORMAT_VERSION, codec_id, DTYPE_CODES[dtype], len(shape), 0, *params)
+    raw = _FIXED.pack(
+        MAGIC, FORMAT_VERSION, codec_id, DTYPE_CODES[dtype], len(shape), 0, 0, *params
+    )
     raw += struct.pack(f"<{len(shape)}q", *shape)
     raw += b"\0" * (header_nbytes(len(shape)) - len(raw))
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
 
 
 MAX_HEADER_NBYTES = 16 + 8 * MAX_NDIM  # the largest header (MAX_NDIM dimensions)
+
+
+@functools.lru_cache(maxsize=1024)
+def _device_header(codec_id, dtype, shape, params, device) -> torch.Tensor:
+    return encode_header(codec_id, dtype, shape, params).to(device)
+
+
+def device_header(
+    codec_id: int,
+    dtype: torch.dtype,
+    shape: tuple[int, ...],
+    params: tuple[int, int, int, int] = (0, 0, 0, 0),
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """:func:`encode_header` built once per (codec, dtype, shape, params, device) and cached
+    on ``device`` (immutable bytes shared by every caller: never modify the result)."""
+    return _device_header(codec_id, dtype, tuple(shape), tuple(params), torch.device(device))
+
+
+def payload_flags(payload: torch.Tensor) -> torch.Tensor:
+    """The status flags byte of a payload (a 0-d uint8 tensor on its device: no host read)."""
+    return payload[FLAGS_OFFSET]
+
+
+def header_mismatch(payload: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """0-d bool tensor: whether ``payload``'s header differs from ``expected`` (a header from
+    :func:`device_header`) anywhere but the status flags. Computed on the device, so a
+    receiver that trusts a layout it shares with the sender can still detect a mismatch and
+    report it with the next host read."""
+    n = expected.numel()
+    if payload.numel() < n:
+        raise PayloadError(f"payload of {payload.numel()} bytes is shorter than its header")
+    differs = payload[:n] != expected
+    differs[FLAGS_OFFSET] = False
+    return differs.any()
 
 
 def decode_header(
@@ -336,7 +489,7 @@ def decode_header(
     if host_copy is None:
         n = min(payload.numel(), MAX_HEADER_NBYTES)
         host_copy = bytes(payload[:n].cpu().tolist())
-    magic, version, codec_id, dcode, ndim, reserved, *params = _FIXED.unpack(
+    magic, version, codec_id, dcode, ndim, flags, reserved, *params = _FIXED.unpack(
         host_copy[: _FIXED.size]
     )
     if magic != MAGIC:
@@ -348,8 +501,8 @@ def decode_header(
         )
     if dcode not in CODE_DTYPES:
         raise PayloadError(f"payload names unknown dtype code {dcode}")
-    if ndim > MAX_NDIM or reserved != 0:
-        raise PayloadError("payload header is corrupt (ndim or reserved field)")
+    if ndim > MAX_NDIM or reserved != 0 or flags & ~_KNOWN_FLAGS:
+        raise PayloadError("payload header is corrupt (ndim, flags or reserved field)")
     hdr = header_nbytes(ndim)
     if payload.numel() < hdr or len(host_copy) < _FIXED.size + 8 * ndim:
         raise PayloadError("payload is truncated inside its header")

@@ -10,7 +10,8 @@ users who run their own denoising loop around a patched transformer mark them wi
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from . import tracking
 from .state import STATE_ATTR, PipelineState
@@ -19,20 +20,30 @@ from .state import STATE_ATTR, PipelineState
 @contextlib.contextmanager
 def generation_of(state: PipelineState) -> Iterator[PipelineState]:
     """Start a generation of ``state``'s pipeline (configs checked across ranks once, bases
-    forgotten) and mark it as running in this context until the block ends."""
+    forgotten) and mark it as running in this context until the block ends. With
+    ``CompactConfig(verify=True)`` the bases are compared across ranks when the block ends
+    normally (``BaseDivergenceError`` on every rank if any differ)."""
     state.ensure_checked()
     state.new_generation()
     with tracking.running(state):
         yield state
+    if state.config.verify:  # every rank compares its bases; raises on all of them
+        from ..verify import check_state
+
+        check_state(state)
 
 
-def patched_call_class(cls: type) -> type:
+def patched_call_class(cls: type, around: Callable[[PipelineState], Any] | None = None) -> type:
     """A subclass of the pipeline class ``cls`` whose ``__call__`` is one generation of the
-    state attached to the instance (``STATE_ATTR``). Assigned to ``pipe.__class__`` by an
-    adapter, and undone by assigning the original class back."""
+    state attached to the instance (``STATE_ATTR``), inside ``around(state)`` (a context
+    manager an adapter may add, e.g. installing that pipeline's own function replacements).
+    Assigned to ``pipe.__class__`` by an adapter, and undone by assigning the original class
+    back."""
 
     def __call__(self, *args, **kwargs):
-        with generation_of(getattr(self, STATE_ATTR)):
+        state = getattr(self, STATE_ATTR)
+        inner = around(state) if around is not None else contextlib.nullcontext()
+        with generation_of(state), inner:
             return cls.__call__(self, *args, **kwargs)
 
     namespace = {"__call__": __call__, "__module__": cls.__module__, "__doc__": cls.__doc__}

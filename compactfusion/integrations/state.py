@@ -41,10 +41,12 @@ class PipelineState:
     # Per-generation state.
     step: int = 0  # transformer calls in this generation
     branch: str | None = None  # diffusers cache_context name ("cond"/"uncond") while entered
-    a2a_index: dict[str, int] = field(default_factory=dict)  # exchanges so far in each layer
+    layer: str | None = None  # the attention module running now (set by tracking's hooks)
+    layer_exchanges: int = 0  # Ulysses exchanges so far in the running layer
     kv_buffers: dict[Hashable, torch.Tensor] = field(default_factory=dict)
     stale: dict[str, dict[str, Any]] = field(default_factory=dict)
     checked: bool = False  # config hash exchanged with the other ranks
+    handle: str = ""  # the compressor's name for compactfusion.ops (set in __post_init__)
     # Statistics.
     generations: int = 0
     step_bytes: list[int] = field(default_factory=list)  # payload bytes sent per step
@@ -64,6 +66,9 @@ class PipelineState:
                 self.ring_world, self.ulysses_world, self.config.mode, self.config.base_storage
             )
         )
+        from ..ops import register
+
+        self.handle = register(self.compressor)
 
     def retains_gathered(self, site: Hashable) -> bool:
         """Whether the gathered K/V buffer of ``site`` must persist to the next step: only
@@ -78,7 +83,7 @@ class PipelineState:
         self.stale_bytes = 0
         self.step = 0
         self.branch = None
-        self.a2a_index.clear()
+        self.layer, self.layer_exchanges = None, 0
         self.kv_buffers.clear()
         for entry in self.stale.values():
             work = entry.get("work")
@@ -113,11 +118,15 @@ class PipelineState:
 
     def begin_step(self) -> None:
         self._step_marks = self._sent()
-        _sync_device()
         self._step_start = time.perf_counter()
 
     def end_step(self) -> None:
-        _sync_device()  # GPU work is asynchronous: time the step, not its launches
+        """The step's one host read: the compressed exchanges' flags (see
+        ``ResidualCompressor.end_step``), which also waits for the step's GPU work, so the
+        step is timed and not only its launches (a plain synchronisation when nothing was
+        exchanged)."""
+        if not self.compressor.end_step():
+            _sync_device()
         sent, raw = self._sent()
         self.step_bytes.append(sent - self._step_marks[0])
         self.step_raw_bytes.append(raw - self._step_marks[1])

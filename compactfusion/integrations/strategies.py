@@ -4,9 +4,10 @@ Ring attention / patch parallelism exchange each rank's K and V of every attenti
 strategies below do that exchange with compressed residuals (``CompactConfig.mode``):
 
 * ``allgather``: every rank encodes the residual of its local ``[K; V]`` (one payload), one
-  all-gather of fixed-size payloads, peers' blocks decoded into per-layer buffers (their
-  bases), then one attention call over the gathered keys/values. With codec ``raw`` this is
-  plain patch parallelism.
+  all-gather of fixed-size payloads, peers' blocks decoded against their bases, then one
+  attention call over the gathered keys/values. With codec ``raw`` this is plain patch
+  parallelism. The exchange is one ``compactfusion::all_gather`` custom op (no host read,
+  opaque to torch.compile).
 * ``ring``: the payloads travel around the ring with ``batch_isend_irecv``; the relay of a
   payload is started before it is decoded and attended, so transfer overlaps compute, and
   per-block outputs are merged by log-sum-exp.
@@ -17,7 +18,12 @@ strategies below do that exchange with compressed residuals (``CompactConfig.mod
   per-layer buffers, the receivers' bases).
 
 Ulysses all-to-alls go through :func:`ulysses_all_to_all`, one residual site per (layer, n-th
-exchange in the layer, source, destination).
+exchange in the layer, source, destination), as ``compactfusion::all_to_all`` custom ops.
+
+Site names are built from ``state.layer`` / ``state.layer_exchanges`` (plain attributes the
+layer hooks set), so under torch.compile they are constants of the graph. The ``ring`` and
+``stale`` strategies still run Python per call (P2P relays, asynchronous work handles) and read
+payload headers back to the host: they compile with graph breaks around each exchange.
 
 The framework-specific part is ``attend_fn(q, k, v, with_joint) -> (out, lse)``: attention of
 the local queries over one block of keys/values (``[B, H, S, D]``), with the joint (text)
@@ -31,8 +37,10 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from .. import ops
 from ..attention import merge
 from ..collectives import (
+    PendingGather,
     all_gather_flat,
     compressed_all_gather,
     compressed_all_to_all,
@@ -66,14 +74,25 @@ def ulysses_all_to_all(state: PipelineState, layer: str, x: torch.Tensor, group)
     """A Ulysses all-to-all (equal splits along dim 0) as compressed residuals; the n-th
     exchange of a layer in a step is its own site."""
     world = dist.get_world_size(group)
-    index = state.a2a_index.get(layer, 0)
-    state.a2a_index[layer] = index + 1
+    index = state.layer_exchanges
+    state.layer_exchanges = index + 1
     flat = x.reshape(world, -1)
     width = row_width(flat.shape[1], x.shape[-1])
-    out = compressed_all_to_all(
-        state.compressor, (layer, "a2a", index), flat.reshape(world, -1, width), group
-    )
+    out = _all_to_all(state, f"{layer}/a2a{index}", flat.reshape(world, -1, width), group)
     return out.reshape(x.shape)
+
+
+def _all_to_all(state: PipelineState, site: str, x: torch.Tensor, group) -> torch.Tensor:
+    # Eager: call the collective itself (no dispatcher round trip); compiling: the custom op.
+    if torch.compiler.is_compiling():
+        return ops.all_to_all(x, state.handle, site, ops.group_name(group))
+    return compressed_all_to_all(state.compressor, site, x, group)
+
+
+def _all_gather(state: PipelineState, site: str, x: torch.Tensor, group) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return ops.all_gather(x, state.handle, site, ops.group_name(group))
+    return compressed_all_gather(state.compressor, site, x, group)
 
 
 def row_width(numel: int, natural: int) -> int:
@@ -125,11 +144,7 @@ def _decoded_blocks(state, gathered, key, value, rank):
 
 def allgather_attention(state, layer, attend_fn, query, key, value, group):
     local = local_kv(state, key, value)
-    buf_key = (layer, tuple(local.shape), local.dtype)
-    buf = state.kv_buffers.get(buf_key)
-    gathered = compressed_all_gather(state.compressor, (layer, "kv"), local, group, out=buf)
-    if state.retains_gathered((layer, "kv")):  # peers' bases live in it
-        state.kv_buffers[buf_key] = gathered
+    gathered = _all_gather(state, f"{layer}/kv", local, group)
     blocks = _decoded_blocks(state, gathered, key, value, dist.get_rank(group))
     return _attend_gathered(attend_fn, query, blocks)
 
@@ -215,7 +230,8 @@ def stale_attention(state, layer, attend_fn, query, key, value, group):
         work = start_compressed_all_gather(
             state.compressor, (layer, "kv"), local, group, async_op=True
         )
-        state.stale[layer] = {"work": work, "layout": layout}
+        world = dist.get_world_size(group)
+        state.stale[layer] = {"work": work, "layout": layout, "world": world}
     return out
 
 
@@ -262,3 +278,24 @@ def _retained(state, site, buf_key, buf):
     else:
         state.kv_buffers.pop(buf_key, None)
     return buf
+
+
+def settle_stale(state: PipelineState) -> None:
+    """Decode the ``stale`` mode's payloads still in flight (started after each layer's last
+    attention) into their bases, so that every receiver's base matches its sender's again
+    (every rank must call it). A layer whose last payload was a retry marker is restarted
+    on every rank instead. Leaves nothing in flight."""
+    comp = state.compressor
+    for layer, entry in list(state.stale.items()):
+        work = entry["work"]
+        if isinstance(work, PendingGather):
+            (shape, dtype), world = entry["layout"], entry["world"]
+            buf_key = (layer, "stale", shape, dtype)
+            buf = state.kv_buffers.get(buf_key)
+            if buf is None:
+                buf = work.payloads.new_empty((world, *shape), dtype=dtype)
+            if not finish_compressed_all_gather(comp, work, buf):
+                comp.restart([((layer, "kv"), r) for r in range(world)])
+        else:
+            work.wait()
+    state.stale.clear()

@@ -3,8 +3,20 @@
 Framework functions that compactfusion replaces (xfuser's ``ring_attn``, ...) are shared by
 every pipeline in the process, so the replacements ask :func:`active_state` whether a patched
 pipeline is running here (a ``ContextVar``, set for the duration of the pipeline call) and
-:func:`current_layer` which attention module called them (set by forward hooks). Step
-boundaries come from forward hooks on the transformer.
+:func:`current_layer` which attention module called them (``PipelineState.layer``, set by
+forward pre-hooks on the attention modules). Step boundaries come from forward hooks on the
+transformer.
+
+torch.compile: dynamo cannot read a ``ContextVar``, and Python side effects of traced code
+(attribute stores) are applied after the compiled graph runs, so nothing here may be decided
+inside the compiled graph at run time. The layer pre-hooks, which dynamo traces along with the
+transformer, therefore store plain attributes on the state (the layer name and the per-layer
+exchange counter), which become constants of the compiled graph (``compactfusion.ops`` takes
+them as string arguments); the adapter hands the traced code its pipeline's state directly
+(xdit's ``_Bound``), so :func:`active_state` is only used in eager mode. The transformer's step
+hooks are excluded from compilation (``torch.compiler.disable``): with
+``torch.compile(transformer)`` they run before and after the compiled forward, as in eager
+mode.
 
 Pipelines that call the transformer twice per step (the conditional and the unconditional
 branch of classifier-free guidance, inside diffusers' ``transformer.cache_context("cond")`` /
@@ -27,23 +39,22 @@ from .state import PipelineState
 _ACTIVE: contextvars.ContextVar[PipelineState | None] = contextvars.ContextVar(
     "compactfusion_active_pipeline", default=None
 )
-_LAYER: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "compactfusion_layer", default=None
-)
 
 
 def active_state() -> PipelineState | None:
-    """The state of the patched pipeline running in this context (None outside any)."""
+    """The state of the patched pipeline running in this context (None outside any). Eager
+    mode only: torch.compile cannot trace a ``ContextVar`` read."""
     return _ACTIVE.get()
 
 
 def current_layer(state: PipelineState | None = None, default: str = "attn") -> str:
     """The name of the attention module running now (``default`` outside one), qualified by
     ``state``'s running branch when it has one."""
-    name = _LAYER.get() or default
-    if state is not None and state.branch is not None:
-        return f"{name}@{state.branch}"
-    return name
+    if state is None or state.layer is None:
+        return default
+    if state.branch is not None:
+        return f"{state.layer}@{state.branch}"
+    return state.layer
 
 
 @contextlib.contextmanager
@@ -59,20 +70,27 @@ def running(state: PipelineState) -> Iterator[None]:
 def install_layer_hooks(
     state: PipelineState, modules: Iterable[tuple[str, torch.nn.Module]]
 ) -> None:
-    """Forward hooks that name the running attention layer (appended to ``state.hooks``)."""
-    tokens: list[contextvars.Token] = []
+    """Forward hooks that name the running attention layer (appended to ``state.hooks``).
+
+    While compiling, the hooks always record (the compiled graph is specialised to the
+    patched pipeline); in eager mode only while ``state``'s pipeline is running here."""
+    name_prefix = "_orig_mod."  # torch.compile(module) names submodules under _orig_mod
 
     def pre_hook(name):
+        name = name.removeprefix(name_prefix)
+
         def hook(module, args):
-            if _ACTIVE.get() is state:
-                tokens.append(_LAYER.set(name))
-                state.a2a_index[current_layer(state)] = 0
+            if not torch.compiler.is_compiling() and _ACTIVE.get() is not state:
+                return
+            state.layer = name
+            state.layer_exchanges = 0
 
         return hook
 
     def post_hook(module, args, output):
-        if _ACTIVE.get() is state and tokens:
-            _LAYER.reset(tokens.pop())
+        if not torch.compiler.is_compiling() and _ACTIVE.get() is not state:
+            return
+        state.layer = None
 
     for name, module in modules:
         state.hooks.append(module.register_forward_pre_hook(pre_hook(name)))
@@ -80,12 +98,14 @@ def install_layer_hooks(
 
 
 def install_step_hooks(state: PipelineState, transformer: torch.nn.Module) -> None:
-    """Forward hooks on the transformer: one call is one denoising step."""
+    """Forward hooks on the transformer: one call is one denoising step (never compiled)."""
 
+    @torch.compiler.disable
     def step_begin(module, args):
         if _ACTIVE.get() is state:
             state.begin_step()
 
+    @torch.compiler.disable
     def step_end(module, args, output):
         if _ACTIVE.get() is state:
             state.end_step()

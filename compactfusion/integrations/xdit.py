@@ -10,13 +10,17 @@
 The module-level functions are swapped only while at least one pipeline is patched, and the
 replacements defer to the originals unless a patched pipeline is running in the current
 context (``tracking.active_state``), so other pipelines in the process behave exactly as
-before. All per-pipeline state lives in one :class:`~.state.PipelineState` attached to the
-pipeline.
+before. While a patched pipeline's call runs, its own bound replacements (``_Bound``) are
+installed instead: under torch.compile they carry the pipeline's state into the traced code
+and keep one compiled graph per patched pipeline. All per-pipeline state lives in one
+:class:`~.state.PipelineState` attached to the pipeline.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -25,6 +29,7 @@ from ..attention import attend
 from ..config import CompactConfig
 from ..residual import ResidualCompressor
 from . import tracking
+from .generation import patched_call_class
 from .state import STATE_ATTR, PipelineState
 from .strategies import kv_attention, ulysses_all_to_all
 
@@ -143,6 +148,20 @@ class FunctionSwap:
         cls.users += 1
 
     @classmethod
+    @contextlib.contextmanager
+    def bound(cls, replacements: dict[str, Any]) -> Iterator[None]:
+        """Install one pipeline's :class:`_Bound` replacements for the duration of its call."""
+        _, usp, _ = xfuser_modules()
+        saved = {name: getattr(usp, name) for name in replacements}
+        for name, fn in replacements.items():
+            setattr(usp, name, fn)
+        try:
+            yield
+        finally:
+            for name, fn in saved.items():
+                setattr(usp, name, fn)
+
+    @classmethod
     def release(cls) -> None:
         cls.users -= 1
         if cls.users == 0:
@@ -150,6 +169,24 @@ class FunctionSwap:
             for name, fn in cls.originals.items():
                 setattr(usp, name, fn)
             cls.originals = {}
+
+
+class _Bound:
+    """One patched pipeline's replacement for an xfuser function, installed while that
+    pipeline's call runs (``FunctionSwap.bound``).
+
+    In eager mode it is the shared replacement (which finds the running pipeline through a
+    ``ContextVar``). While compiling it uses its own pipeline's state directly: dynamo cannot
+    read a ``ContextVar``, and because dynamo guards the module global it was loaded from, each
+    patched pipeline gets its own compiled graph, separate from unpatched runs."""
+
+    def __init__(self, state: PipelineState, shared, for_state):
+        self.state, self.shared, self.for_state = state, shared, for_state
+
+    def __call__(self, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            return self.for_state(self.state, *args, **kwargs)
+        return self.shared(*args, **kwargs)
 
 
 def _patched_ring_attn(
@@ -162,12 +199,29 @@ def _patched_ring_attn(
     joint_attn_kwargs=None,
     attention_kwargs=None,
 ):
-    state = tracking.active_state()
+    state = None if torch.compiler.is_compiling() else tracking.active_state()
     if state is None:
         return FunctionSwap.originals["ring_attn"](
             attention_function, query, key, value, dropout_p, is_causal, joint_attn_kwargs,
             attention_kwargs,
         )  # fmt: skip
+    return _ring_attn_for(
+        state, attention_function, query, key, value, dropout_p, is_causal, joint_attn_kwargs,
+        attention_kwargs,
+    )  # fmt: skip
+
+
+def _ring_attn_for(
+    state,
+    attention_function,
+    query,
+    key,
+    value,
+    dropout_p=0.0,
+    is_causal=False,
+    joint_attn_kwargs=None,
+    attention_kwargs=None,
+):
     if is_causal:
         raise NotImplementedError("compactfusion ring attention does not support causal masks")
     _, usp, _ = xfuser_modules()
@@ -194,8 +248,14 @@ def xfuser_attend_fn(attention_function, **kw):
 
 
 def _patched_all_to_all_single(x):
-    state = tracking.active_state()
-    if state is None or not state.config.compress_ulysses:
+    state = None if torch.compiler.is_compiling() else tracking.active_state()
+    if state is None:
+        return FunctionSwap.originals["_sdpa_all_to_all_single"](x)
+    return _all_to_all_for(state, x)
+
+
+def _all_to_all_for(state, x):
+    if not state.config.compress_ulysses:
         return FunctionSwap.originals["_sdpa_all_to_all_single"](x)
     _, usp, _ = xfuser_modules()
     return ulysses_all_to_all(state, tracking.current_layer(state), x, usp.PROCESS_GROUP.ULYSSES_PG)
@@ -204,19 +264,20 @@ def _patched_all_to_all_single(x):
 # --------------------------------------------------------------------------------------------
 # Patching a pipeline instance
 # --------------------------------------------------------------------------------------------
+def bound_replacements(state: PipelineState) -> dict[str, Any]:
+    """``state``'s own replacements of xfuser's functions, installed while its pipeline's call
+    runs (see :class:`_Bound`)."""
+    return {
+        "ring_attn": _Bound(state, _patched_ring_attn, _ring_attn_for),
+        "_sdpa_all_to_all_single": _Bound(state, _patched_all_to_all_single, _all_to_all_for),
+    }
+
+
 def make_patched_class(cls: type) -> type:
-    """A subclass of ``cls`` whose ``__call__`` starts a generation and marks the pipeline
-    as running (the state is read from the instance's ``STATE_ATTR``)."""
-
-    def __call__(self, *args, **kwargs):
-        state: PipelineState = getattr(self, STATE_ATTR)
-        state.ensure_checked()
-        state.new_generation()
-        with tracking.running(state):
-            return cls.__call__(self, *args, **kwargs)
-
-    namespace = {"__call__": __call__, "__module__": cls.__module__}
-    return type(cls)(cls.__name__, (cls,), namespace)
+    """A subclass of ``cls`` whose ``__call__`` is one generation of the state attached to the
+    instance, with that state's own replacements of xfuser's functions installed while it
+    runs (its own compiled graph under torch.compile)."""
+    return patched_call_class(cls, lambda state: FunctionSwap.bound(bound_replacements(state)))
 
 
 def patch_xdit(pipe: Any, config: CompactConfig) -> PipelineState:

@@ -1,0 +1,87 @@
+"""The compressed exchanges as ``torch.library`` custom ops, opaque to ``torch.compile``.
+
+``torch.ops.compactfusion.all_gather(x, handle, site, group)`` and
+``torch.ops.compactfusion.all_to_all(x, handle, site, group)`` run
+:func:`~compactfusion.collectives.compressed_all_gather` /
+:func:`~compactfusion.collectives.compressed_all_to_all` (encode, collective, decode, base
+update) as one call that dynamo records without tracing into it. Their fake implementations
+give the output's shape from the input's alone (``(world, *x.shape)`` and ``x.shape``), so a
+compiled model sees fixed sizes and no data-dependent control flow; inductor cannot fuse
+neighbouring operations into them or change the rounding the codecs rely on for sender and
+receiver bases to agree bit for bit, because the op bodies run eagerly.
+
+Only strings cross the op boundary besides ``x``:
+
+* ``handle`` names a :class:`~compactfusion.residual.ResidualCompressor` registered with
+  :func:`register` (a weak, process-wide index: it keeps nothing alive, the way
+  ``torch.distributed`` resolves process groups by name; the compressor itself lives in its
+  pipeline's state);
+* ``site`` is the exchange's site name (a constant in the compiled graph: e.g. the layer
+  name, resolved outside the op);
+* ``group`` is the process group's name (:func:`~compactfusion.collectives.group_name`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+
+import torch
+import torch.distributed as dist
+
+from .collectives import compressed_all_gather, compressed_all_to_all, group_name
+from .residual import ResidualCompressor
+
+_COMPRESSORS: weakref.WeakValueDictionary[str, ResidualCompressor] = weakref.WeakValueDictionary()
+_NEXT = itertools.count()
+
+
+def register(comp: ResidualCompressor) -> str:
+    """A handle under which the custom ops find ``comp`` (held weakly)."""
+    if not isinstance(comp, ResidualCompressor):
+        raise TypeError(f"expected a ResidualCompressor, got {type(comp).__name__}")
+    handle = f"compressor{next(_NEXT)}"
+    _COMPRESSORS[handle] = comp
+    return handle
+
+
+def _compressor(handle: str) -> ResidualCompressor:
+    comp = _COMPRESSORS.get(handle)
+    if comp is None:
+        raise RuntimeError(
+            f"compactfusion: no live compressor is registered as {handle!r} (its pipeline was "
+            "unpatched or garbage-collected); re-run the compiled model after patching again"
+        )
+    return comp
+
+
+def _group(name: str) -> dist.ProcessGroup:
+    # The resolver functional collectives use (torch keeps no public name -> group lookup).
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(name)
+
+
+@torch.library.custom_op("compactfusion::all_gather", mutates_args=())
+def all_gather(x: torch.Tensor, handle: str, site: str, group: str) -> torch.Tensor:
+    """Compressed all-gather of ``x``: ``(world, *x.shape)``, this rank's slot exact."""
+    return compressed_all_gather(_compressor(handle), site, x, _group(group))
+
+
+@all_gather.register_fake
+def _all_gather_fake(x, handle, site, group):
+    return x.new_empty((dist.get_world_size(_group(group)), *x.shape))
+
+
+@torch.library.custom_op("compactfusion::all_to_all", mutates_args=())
+def all_to_all(x: torch.Tensor, handle: str, site: str, group: str) -> torch.Tensor:
+    """Compressed all-to-all of ``x`` (equal splits along dim 0), shaped like ``x``."""
+    return compressed_all_to_all(_compressor(handle), site, x, _group(group))
+
+
+@all_to_all.register_fake
+def _all_to_all_fake(x, handle, site, group):
+    return torch.empty_like(x)
+
+
+__all__ = ["all_gather", "all_to_all", "group_name", "register"]
