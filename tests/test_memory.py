@@ -252,7 +252,9 @@ def test_all_gather_sites_are_admitted_whole_on_every_rank():
 
 def test_footprint_of_the_collectives_keys():
     f = exchange_footprint(4, 2, mode="allgather")
-    assert f((("l", "kv"), 3)) == (("l", "kv"), 5)  # 4 blocks + own slot of the buffer
+    assert f((("l", "kv"), 3)) == (("l", "kv"), 4)  # own block + 3 peers' (bases only)
+    # stale: the persistent gathered buffer holds the peers' bases and the own slot
+    assert exchange_footprint(4, 2, mode="stale")((("l", "kv"), 3))[1] == 5
     assert f((("l", "a2a", 0), 0, 1)) == (("l", "a2a", 0), 2)
     assert exchange_footprint(4, 2, mode="ring")((("l", "kv"), 3))[1] == 4
     assert exchange_footprint(4, 2, mode="allgather", storage="int8")((("l", "kv"), 0))[1] == 4
@@ -267,6 +269,8 @@ def test_estimates_against_hand_computation():
     for n in (2, 4, 8):
         assert estimate(flux, "ring", n).base_bytes == full_kv
         e = estimate(flux, "allgather", n)
+        assert e.base_bytes == e.held_bytes == full_kv  # the gathered K/V are temporaries
+        e = estimate(flux, "stale", n)
         assert e.base_bytes == full_kv and e.held_bytes == full_kv * (n + 1) // n
     # Compact: 1 byte + 4 bytes per 256 values.
     assert estimate(flux, "ring", 2, "int8").base_bytes == full_kv // 2 * 260 // 256
