@@ -89,9 +89,10 @@ def _two_rank_checks(rank, world, out_dir):
                 generate_diffusers(pipe, kind, cfg=cfg), plain
             )
             res[f"{name}/calls"] = st["steps"]
-            sites = [ast.literal_eval(k)[0] for k in st["sites"]]  # ((layer, kind, ...), ...)
-            res[f"{name}/layers"] = sorted({site[0] for site in sites})
-            res[f"{name}/site_kinds"] = sorted({site[1] for site in sites})
+            # site keys: ("<layer>/kv", src) or ("<layer>/a2a<n>", src, dst)
+            sites = [ast.literal_eval(k)[0].rsplit("/", 1) for k in st["sites"]]
+            res[f"{name}/layers"] = sorted({layer for layer, _ in sites})
+            res[f"{name}/site_kinds"] = sorted({kind.rstrip("0123456789") for _, kind in sites})
 
     # Wan 2.2-style two-stage pipeline: both transformers patched, layer names prefixed.
     pipe = enable_context_parallel(build_diffusers_pipeline("wan", two_stage=True), ring=2)
@@ -100,7 +101,7 @@ def _two_rank_checks(rank, world, out_dir):
         res["wan22_raw"] = rel(generate_diffusers(pipe, "wan", steps=4, cfg=True), plain)
     with cf.patched(pipe, int2):
         res["wan22_int2"] = rel(generate_diffusers(pipe, "wan", steps=4, cfg=True), plain)
-        layers = {ast.literal_eval(k)[0][0] for k in cf.stats(pipe)["sites"]}
+        layers = {ast.literal_eval(k)[0].rsplit("/", 1)[0] for k in cf.stats(pipe)["sites"]}
     res["wan22_components"] = sorted({layer.split(".")[0] for layer in layers})
 
     # Ring relay and stale modes on FLUX ring=2.

@@ -48,9 +48,9 @@ def _unified_checks(rank, world):
         res["int2"] = rel(generate_diffusers(pipe, "flux"), plain)
         st = cf.stats(pipe)
     res["layout"] = (st["ring_world"], st["ulysses_world"])
-    sites = [ast.literal_eval(k)[0] for k in st["sites"]]
-    res["a2a_per_layer"] = sorted({s[2] for s in sites if s[1] == "a2a"})
-    res["kv_sites"] = sum(1 for s in sites if s[1] == "kv")
+    kinds = [ast.literal_eval(k)[0].rsplit("/", 1)[1] for k in st["sites"]]  # "<layer>/<kind>"
+    res["a2a_per_layer"] = sorted({int(k[3:]) for k in kinds if k.startswith("a2a")})
+    res["kv_sites"] = sum(1 for k in kinds if k == "kv")
     res["ratio"] = st["ratio_after_warmup"]
     res["unpatched_equal"] = torch.equal(generate_diffusers(pipe, "flux"), plain)
     return res

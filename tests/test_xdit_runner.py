@@ -34,14 +34,10 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def layer_names(stats: dict) -> list[str]:
-    """The layer names in ``stats["sites"]`` (keys are reprs of nested tuples whose first
-    string is the layer)."""
+    """The layer names in ``stats["sites"]`` (keys are reprs of ``("<layer>/<kind>", ...)``)."""
     import ast
 
-    def first_str(obj):
-        return obj if isinstance(obj, str) else first_str(obj[0])
-
-    return sorted({first_str(ast.literal_eval(key)) for key in stats["sites"]})
+    return sorted({ast.literal_eval(key)[0].rsplit("/", 1)[0] for key in stats["sites"]})
 
 
 def _setup():

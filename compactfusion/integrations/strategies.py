@@ -95,6 +95,12 @@ def _all_gather(state: PipelineState, site: str, x: torch.Tensor, group) -> torc
     return compressed_all_gather(state.compressor, site, x, group)
 
 
+def kv_site(layer: str) -> str:
+    """The site name of a layer's K/V exchange (every ring strategy uses it; a Ulysses
+    exchange is ``"<layer>/a2a<n>"``)."""
+    return f"{layer}/kv"
+
+
 def row_width(numel: int, natural: int) -> int:
     """Channels per codec row: 256 consecutive values when they divide evenly (scale groups of
     256), else the tensor's own last dimension."""
@@ -144,7 +150,7 @@ def _decoded_blocks(state, gathered, key, value, rank):
 
 def allgather_attention(state, layer, attend_fn, query, key, value, group):
     local = local_kv(state, key, value)
-    gathered = _all_gather(state, f"{layer}/kv", local, group)
+    gathered = _all_gather(state, kv_site(layer), local, group)
     blocks = _decoded_blocks(state, gathered, key, value, dist.get_rank(group))
     return _attend_gathered(attend_fn, query, blocks)
 
@@ -156,7 +162,7 @@ def ring_relay_attention(state, layer, attend_fn, query, key, value, group):
     nxt = dist.get_global_rank(pg, (rank + 1) % world)
     prv = dist.get_global_rank(pg, (rank - 1) % world)
     local = local_kv(state, key, value)
-    site = (layer, "kv")
+    site = kv_site(layer)
     nbytes = comp.payload_nbytes((site, rank), tuple(local.shape), local.dtype)
     payload = comp.encode((site, rank), local)
     saw_marker = payload.numel() != nbytes
@@ -198,7 +204,7 @@ def _raw_retry_attention(state, layer, attend_fn, query, key, value, group):
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     local = local_kv(state, key, value)
     gathered = torch.empty((world, *local.shape), dtype=local.dtype, device=local.device)
-    raw_all_gather(state.compressor, (layer, "kv"), local, group, gathered)
+    raw_all_gather(state.compressor, kv_site(layer), local, group, gathered)
     blocks = _decoded_blocks(state, gathered, key, value, rank)
     return _attend_gathered(attend_fn, query, blocks)
 
@@ -228,7 +234,7 @@ def stale_attention(state, layer, attend_fn, query, key, value, group):
         state.stale[layer] = {"buffer": buffer, "work": work, "layout": layout}
     else:
         work = start_compressed_all_gather(
-            state.compressor, (layer, "kv"), local, group, async_op=True
+            state.compressor, kv_site(layer), local, group, async_op=True
         )
         world = dist.get_world_size(group)
         state.stale[layer] = {"work": work, "layout": layout, "world": world}
@@ -260,7 +266,7 @@ def _stale_gather_compressed(state, layer, local, group, entry, fresh):
     or dtype, or when a rank's K/V were not finite (a retry marker), this step's K/V are
     gathered raw instead, which restarts every base exactly (the previous payloads are then
     waited for and dropped on every rank alike)."""
-    comp, site = state.compressor, (layer, "kv")
+    comp, site = state.compressor, kv_site(layer)
     buf_key = (layer, "stale", tuple(local.shape), local.dtype)
     buf = gather_buffer(local, dist.get_world_size(group), state.kv_buffers.get(buf_key))
     if entry is not None:
@@ -295,7 +301,7 @@ def settle_stale(state: PipelineState) -> None:
             if buf is None:
                 buf = work.payloads.new_empty((world, *shape), dtype=dtype)
             if not finish_compressed_all_gather(comp, work, buf):
-                comp.restart([((layer, "kv"), r) for r in range(world)])
+                comp.restart([(kv_site(layer), r) for r in range(world)])
         else:
             work.wait()
     state.stale.clear()
