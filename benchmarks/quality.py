@@ -683,7 +683,7 @@ def run_trajectory_benchmark(args) -> dict[str, str]:
     from compactfusion.testing.trajectory import TrajectoryConfig, kv_trajectory, run_trajectory
 
     torch.set_num_threads(os.cpu_count() or 1)
-    size = dict(tokens=128, channels=256, steps=6) if args.smoke else {}
+    size = dict(tokens=256, channels=256, steps=6) if args.smoke else {}
     datas = {
         "outliers": TrajectoryConfig(**size),
         "channel_scales_only": TrajectoryConfig.channel_scales_only(**size),
@@ -843,7 +843,7 @@ def _parse_args(argv=None):
     p.add_argument(
         "--trajectory",
         action="store_true",
-        help="synthetic K/V trajectory instead of a model (with --smoke: 128x256, 6 steps)",
+        help="synthetic K/V trajectory instead of a model (with --smoke: 256x256, 6 steps)",
     )
     args = p.parse_args(argv)
     if args.trajectory:
