@@ -250,15 +250,9 @@ class Workload:
         return self.batch * self.local_tokens(n) * 2 * self.hidden
 
     def kv_matrix_shape(self, n: int, codec: str) -> tuple[int, int]:
-        """The matrix compactfusion's xDiT integration hands the codec (``_local_kv``): token-
-        major ``(batch*tokens, 2*hidden)`` for lowrank, else rows of 256 (or 128) channels."""
-        if codec == "lowrank":
-            return (self.batch * self.local_tokens(n), 2 * self.hidden)
-        numel = self.kv_numel(n)
-        for width in (256, 128):
-            if numel % width == 0:
-                return (numel // width, width)
-        return (numel // self.head_dim, self.head_dim)
+        """The matrix compactfusion's xDiT integration hands the codec (``local_kv``), for
+        every codec: token-major ``(batch*tokens, 2*hidden)``."""
+        return (self.batch * self.local_tokens(n), 2 * self.hidden)
 
 
 WORKLOADS: dict[str, Workload] = {

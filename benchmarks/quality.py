@@ -233,16 +233,9 @@ class KVProbe:
     class methods show through again).
     """
 
-    def __init__(
-        self, pipe, reference: dict | None = None, store_budget: int = 0, kv_batch: int = 1
-    ):
+    def __init__(self, pipe, reference: dict | None = None, store_budget: int = 0):
         self.state = pipe._compactfusion_state
         self.comp = self.state.compressor
-        transformer = pipe.module.transformer
-        config = getattr(transformer, "module", transformer).config
-        self.heads, self.head_dim = config.num_attention_heads, config.attention_head_dim
-        self.kv_batch = kv_batch
-        self.lowrank = self.state.config.codec == "lowrank"
         self.reference = reference  # (step, layer, src) -> K/V of the uncompressed run
         self.store_budget = store_budget  # bytes: store this run's exact K/V up to this much
         self.stored: dict | None = {} if store_budget > 0 else None
@@ -301,22 +294,8 @@ class KVProbe:
             if self.stored_bytes + t.numel() * t.element_size() > self.store_budget:
                 self.stored = None  # over budget: no vs_ref metric for later runs
                 return
-            self.stored[(step, layer, src)] = self._natural(t).cpu().clone()
+            self.stored[(step, layer, src)] = t.reshape(-1).cpu().clone()
             self.stored_bytes += t.numel() * t.element_size()
-
-    def _natural(self, m: torch.Tensor) -> torch.Tensor:
-        """The codec matrix of ``[K; V]`` as a flat tensor in ``[2, B, H, S, D]`` order.
-
-        compactfusion's xDiT integration hands the lowrank codec a token-major matrix
-        ``[B*S, 2*H*D]`` and every other codec ``[2, B, H, S, D]`` in rows of 256; the
-        uncompressed reference uses the latter, so lowrank reconstructions are permuted back
-        before they are compared with it.
-        """
-        if not self.lowrank:
-            return m.reshape(-1)
-        b, h, d = self.kv_batch, self.heads, self.head_dim
-        s = m.numel() // (2 * b * h * d)
-        return m.reshape(b, s, 2, h, d).permute(2, 0, 3, 1, 4).reshape(-1)
 
     def _measure(self, layer, src, recon) -> None:
         step = self.state.step
@@ -328,7 +307,7 @@ class KVProbe:
         if self.reference is not None:
             ref = self.reference.get((step, layer, src))
             if ref is not None:
-                r = self._natural(r)
+                r = r.reshape(-1)  # every codec sees the same token-major [B*S, 2*H*D]
                 ref = ref.to(r.device).double()
                 acc[2] += float(((r - ref) ** 2).sum())
                 acc[3] += float((ref**2).sum())
@@ -480,7 +459,7 @@ def _rank(rank: int, world: int, opts: dict):
         for i, seed in enumerate(seeds):
             with cf.patched(pipe, cfg):
                 store = budget if codec == "raw" and i == 0 else 0
-                probe = KVProbe(pipe, reference if i == 0 else None, store, kv_batch)
+                probe = KVProbe(pipe, reference if i == 0 else None, store)
                 try:
                     images.append(run(seed))
                 finally:
@@ -734,7 +713,7 @@ def run_trajectory_benchmark(args) -> dict[str, str]:
     from compactfusion.testing.trajectory import TrajectoryConfig, kv_trajectory, run_trajectory
 
     torch.set_num_threads(os.cpu_count() or 1)
-    size = dict(tokens=128, channels=256, steps=6) if args.smoke else {}
+    size = dict(tokens=256, channels=256, steps=6) if args.smoke else {}
     datas = {
         "outliers": TrajectoryConfig(**size),
         "channel_scales_only": TrajectoryConfig.channel_scales_only(**size),
@@ -894,7 +873,7 @@ def _parse_args(argv=None):
     p.add_argument(
         "--trajectory",
         action="store_true",
-        help="synthetic K/V trajectory instead of a model (with --smoke: 128x256, 6 steps)",
+        help="synthetic K/V trajectory instead of a model (with --smoke: 256x256, 6 steps)",
     )
     args = p.parse_args(argv)
     if args.trajectory:

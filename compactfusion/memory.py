@@ -57,7 +57,7 @@ Footprint = Callable[[Hashable], tuple[Hashable, int]]
 # --------------------------------------------------------------------------------------------
 def group_size(shape: tuple[int, ...]) -> int:
     """Values per scale for a tensor of ``shape``: 256 when the last dimension is a multiple
-    of it (rows of 256 values in the integration's K/V matrices), else the whole last
+    of it (the ``2 * H * D`` channels of a real model's K/V matrix), else the whole last
     dimension (a row)."""
     cols = int(shape[-1]) if len(shape) else 1
     return GROUP if cols % GROUP == 0 else max(cols, 1)
@@ -355,9 +355,9 @@ class ModelShape:
         return math.ceil(self.tokens / n)
 
     def kv_block_shape(self, n: int) -> tuple[int, int]:
-        """One rank's K and V of one layer as the integration's codec matrix (rows of 256)."""
-        numel = self.batch * self.local_tokens(n) * 2 * self.hidden
-        return (numel // 256, 256) if numel % 256 == 0 else (numel // self.hidden, self.hidden)
+        """One rank's K and V of one layer as the integration's codec matrix (token-major:
+        one row per token, K and V of every head side by side)."""
+        return (self.batch * self.local_tokens(n), 2 * self.hidden)
 
     def a2a_chunk_shape(self, n: int) -> tuple[int, int]:
         """One destination's chunk of one all-to-all tensor."""

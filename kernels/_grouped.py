@@ -3,7 +3,8 @@
 The math and the payload layout are those of ``compactfusion.codecs._grouped.GroupedCodec``
 and its subclasses; ``int1.py`` and ``int2.py`` choose the launch settings.
 
-With channel scales (``channel_scale="mean"``, ``CS=1``) the sender runs three launches:
+With channel scales (``channel_scale="mean"`` and at least ``CHANNEL_MIN_ROWS`` = 256 rows,
+``CS=1``; fewer rows are encoded as with ``"none"``) the sender runs three launches:
 
 1. ``channel_partial_kernel`` reads ``x`` and ``base`` once and writes the exact per-channel
    sums of ``|x - base|`` of every block of 256 tokens (fp32 scratch, ``rows / 64`` bytes per
@@ -371,12 +372,13 @@ def make_plan(codec, shape, dtype, launch_config, interpreted) -> Plan:
         (lay.scales_offset, lay.nbytes - lay.scales_offset, torch.int16),
     )
     launch = launch_config(lay, rows, codec.bits, interpreted)
-    if codec.channel_scaled and launch.nblocks > MAX_CHANNEL_BLOCKS:
+    channel_scaled = codec.sends_channel_scales(rows)
+    if channel_scaled and launch.nblocks > MAX_CHANNEL_BLOCKS:
         raise KernelUnsupported(
             f"{codec.name}: channel scales over more than {MAX_CHANNEL_BLOCKS * CHANNEL_BLOCK} "
             f"tokens are not supported by the kernels (got {rows})"
         )
-    meta = GroupedMeta(codec.bits, codec.channel_scaled)
+    meta = GroupedMeta(codec.bits, channel_scaled)
     return Plan.build(codec, shape, dtype, lay, launch, sections, meta=meta)
 
 

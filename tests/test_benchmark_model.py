@@ -69,8 +69,9 @@ def test_hand_computed_two_gpu_case():
 
     # cf-int2 at 100 GB/s codec throughput: encode moves 3 x 2 MiB + payload, decode 2 x 2 MiB
     # + payload, 5 us launch each; the payload crosses the 1 GB/s link once.
-    payload = get_codec("int2").payload_nbytes((4096, 256), torch.bfloat16)
-    assert 7 < m / payload < 8  # 2 bits + a bf16 scale per 256 values + header
+    # the K/V matrix is token-major: 2048 tokens x (K, V) x 256 channels
+    payload = get_codec("int2").payload_nbytes((2048, 512), torch.bfloat16)
+    assert 7 < m / payload < 8  # 2 bits + a bf16 scale per 256 values + channel scales + header
     t_enc = 5e-6 + (3 * m + payload) / 100e9
     t_dec = 5e-6 + (2 * m + payload) / 100e9
     expect = 0.010 + 2 * (t_enc + payload / 1e9 + t_dec)
@@ -118,7 +119,7 @@ def test_workload_shapes_and_flops():
     flux, cog = model.WORKLOADS["flux"], model.WORKLOADS["cogvideox"]
     # FLUX: (4096 image + 512 text) / 2 tokens x K,V x 3072 channels.
     assert flux.kv_numel(2) == 2304 * 2 * 3072
-    assert flux.kv_matrix_shape(2, "int2") == (2304 * 2 * 3072 // 256, 256)
+    assert flux.kv_matrix_shape(2, "int2") == (2304, 6144)
     assert flux.kv_matrix_shape(2, "lowrank") == (2304, 6144)
     # CogVideoX-2b: CFG batch 2 x ceil(17550 / 4) tokens x K,V x 1920; text not sent.
     assert cog.kv_numel(4) == 2 * 4388 * 2 * 1920

@@ -107,7 +107,7 @@ def test_quality_smoke(tmp_path, mode):
 
 def test_trajectory_smoke(tmp_path):
     """``--trajectory --smoke``: the synthetic K/V trajectory, every scheme and ablation, on a
-    128 x 256 shard (no model, no ranks)."""
+    256 x 256 shard (no model, no ranks; 256 tokens: the fewest with channel scales)."""
     paths = quality.main(
         ["--trajectory", "--smoke", "--codecs", "int2,fp8", "--out", str(tmp_path)]
     )

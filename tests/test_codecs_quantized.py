@@ -142,14 +142,14 @@ def test_non_finite_input_raises(name, cols):
 
 # --- error bounds -------------------------------------------------------------------------------
 def _scales(codec, payload, rows, cols, shape):
-    """Group scales (``rows x ngroups``), channel scales (``cols``, ones for
-    ``channel_scale="none"``) and the layout, read from a payload."""
+    """Group scales (``rows x ngroups``), channel scales (``cols``, ones when none are sent)
+    and the layout, read from a payload."""
     lay = codec.layout(rows, cols)
     data = _data(payload, shape)
     s = data[lay.scales_offset : lay.scales_offset + 2 * rows * lay.ngroups]
     s = s.view(torch.bfloat16).float().reshape(rows, lay.ngroups)
     c = torch.ones(cols)
-    if codec.channel_scaled:
+    if codec.sends_channel_scales(rows):
         c = data[lay.channels_offset : lay.channels_offset + 2 * cols].view(torch.bfloat16)
         c = c.float()
     return s, c, lay
@@ -174,9 +174,10 @@ def _mean_abs_bound_ok(got, mean, m):
 @pytest.mark.parametrize("group_size", [8, 64, 256])
 def test_int1_sign_and_scale(group_size, channel_scale):
     codec = get_codec("int1", group_size=group_size, channel_scale=channel_scale)
-    r = _outlier_matrix(9, 300, 3)
+    rows = 260  # at least CHANNEL_MIN_ROWS: "mean" sends channel scales
+    r = _outlier_matrix(rows, 300, 3)
     payload, recon = codec.encode_with_reconstruction(r)
-    s, c, lay = _scales(codec, payload, 9, 300, r.shape)
+    s, c, lay = _scales(codec, payload, rows, 300, r.shape)
     live = c > 0
     assert bool(((recon >= 0) == (r >= 0))[:, live].all())
     assert bool((recon[:, ~live] == 0).all())  # a zero channel decodes to exact zeros
@@ -188,7 +189,8 @@ def test_int1_sign_and_scale(group_size, channel_scale):
         _mean_abs_bound_ok(c[live], ra.mean(0)[live], ra.amax(0)[live]) or channel_scale == "none"
     )
     u = (ra / torch.where(live, c, 1.0).double()) * live
-    up = torch.nn.functional.pad(u, (0, lay.padded_cols - 300)).reshape(9, lay.ngroups, lay.group)
+    up = torch.nn.functional.pad(u, (0, lay.padded_cols - 300))
+    up = up.reshape(rows, lay.ngroups, lay.group)
     counts = torch.tensor([min(lay.group, 300 - g * lay.group) for g in range(lay.ngroups)])
     mean = up.sum(-1) / counts
     assert bool(((s.double() - mean).abs() <= mean * 2**-7 + up.amax(-1) * 2**-14).all())
@@ -232,9 +234,9 @@ def test_channel_mean_abs_is_exact_and_guarded(rows):
 def test_int2_error_bound(group_size, channel_scale):
     codec = get_codec("int2", group_size=group_size, channel_scale=channel_scale)
     torch.manual_seed(5)
-    r = _outlier_matrix(11, 500, 5) ** 3 / 100
+    r = _outlier_matrix(257, 500, 5) ** 3 / 100
     payload, recon = codec.encode_with_reconstruction(r)
-    d, c, lay = _scales(codec, payload, 11, 500, r.shape)
+    d, c, lay = _scales(codec, payload, 257, 500, r.shape)
     d = d.repeat_interleave(lay.group, 1)[:, :500].double()
     c = c.double()
     u = r.double() / torch.where(c > 0, c, 1.0) * (c > 0)
@@ -250,7 +252,7 @@ def test_int2_error_bound(group_size, channel_scale):
 def test_channel_scales_beat_group_scales_on_outlier_channels(name):
     """With 10x outlier channels, the small channels of a group are swamped by the large ones
     unless the channels are normalised first."""
-    r = _outlier_matrix(64, 1024, 6)
+    r = _outlier_matrix(256, 1024, 6)
     errs = {}
     for cs in ("none", "mean"):
         _, recon = get_codec(name, channel_scale=cs).encode_with_reconstruction(r)
@@ -349,11 +351,35 @@ def test_wire_ratio_flux_shard(name, kw, ratio):
     assert 2 * 4096 * 3072 / codec.payload_nbytes(shape, torch.bfloat16) >= ratio
 
 
+@pytest.mark.parametrize("name", ["int1", "int2"])
+def test_channel_scales_from_min_rows_on(name):
+    """Below CHANNEL_MIN_ROWS tokens "mean" sends no channel scales (bit-identical payload to
+    "none"); from it on it does (2 bytes per channel more)."""
+    from compactfusion.codecs._grouped import CHANNEL_MIN_ROWS
+
+    mean, none = get_codec(name), get_codec(name, channel_scale="none")
+    r = _outlier_matrix(CHANNEL_MIN_ROWS, 96, 8)
+    few = r[: CHANNEL_MIN_ROWS - 1]
+    p_mean, rec_mean = mean.encode_with_reconstruction(few)
+    p_none, rec_none = none.encode_with_reconstruction(few)
+    assert not mean.sends_channel_scales(CHANNEL_MIN_ROWS - 1)
+    assert torch.equal(rec_mean, rec_none) and p_mean.numel() == p_none.numel()
+    assert torch.equal(mean.decode(p_mean), rec_mean)
+    assert mean.sends_channel_scales(CHANNEL_MIN_ROWS)
+    shape = (CHANNEL_MIN_ROWS, 96)
+    extra = mean.payload_nbytes(shape, torch.float32) - none.payload_nbytes(shape, torch.float32)
+    assert extra >= 2 * 96
+    p_mean, rec_mean = mean.encode_with_reconstruction(r)
+    assert torch.equal(mean.decode(p_mean), rec_mean)
+
+
 def test_payload_nbytes_formulas():
     hdr = header_nbytes(2)
-    # codes, group scales, channel scales (2 per channel), padded to 16 bytes
-    assert get_codec("int1").payload_nbytes((4, 512), torch.bfloat16) == hdr + 256 + 16 + 1024
-    assert get_codec("int2", group_size=8).payload_nbytes((1, 8), torch.float32) == hdr + 48
+    # codes, group scales, channel scales (2 per channel, from 256 rows on), padded to 16 bytes
+    nbytes = hdr + 256 * 64 + 256 * 2 * 2 + 1024
+    assert get_codec("int1").payload_nbytes((256, 512), torch.bfloat16) == nbytes
+    assert get_codec("int1").payload_nbytes((4, 512), torch.bfloat16) == hdr + 4 * 64 + 16
+    assert get_codec("int2", group_size=8).payload_nbytes((1, 8), torch.float32) == hdr + 32
     old = get_codec("int1", channel_scale="none")
     assert old.payload_nbytes((4, 512), torch.bfloat16) == hdr + 4 * 64 + 16
     old = get_codec("int2", group_size=8, channel_scale="none")

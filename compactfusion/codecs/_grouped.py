@@ -84,6 +84,12 @@ def bf16_bits(t: torch.Tensor) -> torch.Tensor:
 # per-channel sums are exact (integer sums below 2**24, see ``channel_mean_abs``). Part of the
 # payload format: changing it changes the scales.
 CHANNEL_BLOCK = 256
+# Channel scales are sent only for matrices of at least this many rows (tokens): they cost
+# ``2 * cols`` bytes, i.e. ``2 / rows`` bytes per element, which below 256 rows would take more
+# than 3 % (int2) / 6 % (int1) off the wire ratio, and a mean over so few tokens says little.
+# Deterministic from the shape, so sender and receiver agree without a header field. Part of the
+# payload format.
+CHANNEL_MIN_ROWS = 256
 # Names of the channel-scale schemes and their header code (header parameter 1).
 CHANNEL_SCALES: dict[str, int] = {"none": 0, "mean": 1}
 
@@ -165,7 +171,11 @@ class GroupedCodec(Codec):
     order-independent, 0 below 2**-100), sends it, and quantizes ``u = r / c``
     (``channel_normalize``); the receiver multiplies back. ``channel_scale="none"`` is the
     previous scheme (``c = 1``, nothing sent). Costs ``2 * cols`` bytes per payload (0.8 % at
-    1024 x 3072 for int2) and, in the kernels, one extra read of ``x`` and ``base``.
+    1024 x 3072 for int2) and, in the kernels, one extra read of ``x`` and ``base``. Matrices
+    with fewer than ``CHANNEL_MIN_ROWS`` (256) rows get no channel scales even with
+    ``"mean"`` (``c = 1``, nothing sent; :meth:`sends_channel_scales`): there the bytes would
+    cost more than they buy. Real models have thousands of tokens per rank; tiny test models
+    stay below the threshold.
 
     Per group of ``u`` (``m = max |u|`` over its valid elements, ``E = floor(log2 m)``)::
 
@@ -182,8 +192,8 @@ class GroupedCodec(Codec):
     Layout: codes, row-major, ``Cp * bits / 8`` bytes per row (``Cp`` = row padded with
     uncounted zeros to whole groups; padded codes are 0), element ``j`` at byte
     ``j * bits // 8``, bit ``(j * bits) % 8``, LSB first; then at the next 16-byte boundary the
-    bf16 group scales, ``rows x ngroups``, immediately followed (``channel_scale="mean"``) by
-    the ``cols`` bf16 channel scales.
+    bf16 group scales, ``rows x ngroups``, immediately followed (``channel_scale="mean"`` and
+    ``rows >= CHANNEL_MIN_ROWS``) by the ``cols`` bf16 channel scales.
 
     Header parameters: ``(group_size, CHANNEL_SCALES[channel_scale], 0, 0)``.
     """
@@ -213,6 +223,11 @@ class GroupedCodec(Codec):
     def channel_scaled(self) -> bool:
         """Whether payloads carry per-channel scales."""
         return self.channel_scale != "none"
+
+    def sends_channel_scales(self, rows: int) -> bool:
+        """Whether a payload of a ``rows x cols`` matrix carries channel scales:
+        ``channel_scale != "none"`` and ``rows >= CHANNEL_MIN_ROWS``."""
+        return self.channel_scaled and rows >= CHANNEL_MIN_ROWS
 
     def header_params(self) -> tuple[int, int, int, int]:
         return (self.group_size, CHANNEL_SCALES[self.channel_scale], 0, 0)
@@ -246,7 +261,7 @@ class GroupedCodec(Codec):
         row_bytes = padded * self.bits // 8
         scales_offset = align_up(rows * row_bytes)
         channels_offset = scales_offset + 2 * rows * ngroups
-        nbytes = channels_offset + (2 * cols if self.channel_scaled else 0)
+        nbytes = channels_offset + (2 * cols if self.sends_channel_scales(rows) else 0)
         return GroupedLayout(
             group, ngroups, padded, row_bytes, scales_offset, channels_offset, nbytes
         )
@@ -270,8 +285,8 @@ class GroupedCodec(Codec):
 
     def channel_scales(self, r: torch.Tensor) -> torch.Tensor | None:
         """The bf16 channel scales (``cols``) this codec sends for the float32 ``rows x cols``
-        matrix ``r``; None for ``channel_scale="none"``."""
-        if not self.channel_scaled:
+        matrix ``r``; None for ``channel_scale="none"`` or fewer than ``CHANNEL_MIN_ROWS`` rows."""
+        if not self.sends_channel_scales(r.shape[0]):
             return None
         return channel_mean_abs(r).to(torch.bfloat16)
 
@@ -320,7 +335,7 @@ class GroupedCodec(Codec):
         rows, cols = r.shape
         lay = self.layout(rows, cols)
         cscales = None
-        if self.channel_scaled:
+        if self.sends_channel_scales(rows):
             # inf and nan propagate into the channel sums; checked here so that the channel
             # scales themselves are finite (the group maxima below are checked as well)
             check_finite(r.abs().amax(0), self.name)
@@ -344,7 +359,7 @@ class GroupedCodec(Codec):
         scales = scales.view(torch.bfloat16).reshape(rows, lay.ngroups)
         recon = self._dequantize(codes.reshape(rows, lay.ngroups, lay.group), scales)
         recon = recon.reshape(rows, lay.padded_cols)[:, :cols]
-        if self.channel_scaled:
+        if self.sends_channel_scales(rows):
             c = data[lay.channels_offset : lay.channels_offset + 2 * cols].view(torch.bfloat16)
             recon = recon * c.float()
         return recon

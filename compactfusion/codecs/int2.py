@@ -31,7 +31,8 @@ class Int2Codec(GroupedCodec):
     ``2 * (j % 4)``; then (16-byte aligned) bf16 steps ``rows x ngroups``, then the ``cols``
     bf16 channel scales. Bytes per element: ``1/4 + 2/group_size + 2/rows`` (0.2598 for G=256
     at 1024 x 3072: 7.70x smaller than bf16, header included; 7.76x with
-    ``channel_scale="none"``).
+    ``channel_scale="none"``). Channel scales are sent only from ``CHANNEL_MIN_ROWS`` = 256
+    rows on (fewer rows: ``c = 1``, ``2/rows`` is 0).
 
     Parameters: ``group_size`` (multiple of 8 in [8, 256], default 256; header param 0);
     ``channel_scale``: ``"mean"`` (default) or ``"none"`` (per-group scales only; header

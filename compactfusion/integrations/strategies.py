@@ -114,21 +114,18 @@ def row_width(numel: int, natural: int) -> int:
 # The three ring-attention strategies
 # --------------------------------------------------------------------------------------------
 def local_kv(state: PipelineState, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """The local ``[K; V]`` as the 2-D matrix the codec sees (lowrank: token-major)."""
-    kv = torch.stack([key, value])  # [2, B, H, S, D]
-    if state.config.codec == "lowrank":
-        two, b, h, s, d = kv.shape
-        return kv.permute(1, 3, 0, 2, 4).reshape(b * s, two * h * d)
-    return kv.reshape(-1, row_width(kv.numel(), kv.shape[-1]))
+    """The local ``[K; V]`` as the token-major matrix every codec sees: ``[B*S, 2*H*D]``, one
+    row per token, channels ordered (K/V, head, d), so a codec's channel is a real K/V channel
+    (channel scales can isolate outlier channels; lowrank sees tokens x features)."""
+    b, h, s, d = key.shape
+    kv = torch.stack([key.transpose(1, 2), value.transpose(1, 2)], 2)  # [B, S, 2, H, D]
+    return kv.reshape(b * s, 2 * h * d)
 
 
 def kv_from_matrix(state: PipelineState, m: torch.Tensor, like: torch.Tensor):
-    """Inverse of ``local_kv``: ``(K, V)`` shaped like ``like`` ([B, H, S, D])."""
+    """Inverse of ``local_kv``: ``(K, V)`` shaped like ``like`` ([B, H, S, D]; views of ``m``)."""
     b, h, s, d = like.shape
-    if state.config.codec == "lowrank":
-        kv = m.reshape(b, s, 2, h, d).permute(2, 0, 3, 1, 4)
-    else:
-        kv = m.reshape(2, b, h, s, d)
+    kv = m.reshape(b, s, 2, h, d).permute(2, 0, 3, 1, 4)
     return kv[0], kv[1]
 
 
