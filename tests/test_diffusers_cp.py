@@ -156,7 +156,7 @@ def _two_rank_checks(rank, world, out_dir):
     with cf.generation(pipe.transformer):
         out = generate_diffusers(pipe, "wan", cfg=True)
     res["model_int2"] = rel(out, plain)
-    layers = {ast.literal_eval(k)[0][0] for k in cf.stats(pipe.transformer)["sites"]}
+    layers = {ast.literal_eval(k)[0].rsplit("/", 1)[0] for k in cf.stats(pipe.transformer)["sites"]}
     res["model_branches"] = sorted({layer.split("@")[-1] for layer in layers})
     cf.unpatch(pipe.transformer)
     res["model_unpatched_equal"] = torch.equal(generate_diffusers(pipe, "wan", cfg=True), plain)
