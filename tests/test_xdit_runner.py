@@ -183,7 +183,9 @@ def test_runner_pipelines_two_ranks():
             per_step = res[f"bytes {degrees}"]
             raw_bf16 = per_step["raw"][0]
             assert all(b == raw_bf16 for b in per_step["raw"]), per_step
-            assert per_step["int2"][0] == raw_bf16  # warm-up step sent raw
+            # Warm-up step sent raw: the raw bf16 bytes plus the payload headers (codec "raw"
+            # itself travels as plain collectives, without headers).
+            assert raw_bf16 <= per_step["int2"][0] <= raw_bf16 * 1.01, per_step
             assert all(raw_bf16 / b >= 7 for b in per_step["int2"][1:]), (degrees, per_step)
         for degrees in ({"ring": 2}, {"ulysses": 2}):
             fb = res[f"fbcache {degrees}"]
