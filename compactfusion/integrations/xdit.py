@@ -291,9 +291,21 @@ def patch_xdit(pipe: Any, config: CompactConfig) -> PipelineState:
         ring_world=ring,
         ulysses_world=ulysses,
     )
-    tracking.install_layer_hooks(state, modules)
-    tracking.install_step_hooks(state, pipe.module.transformer)
-    tracking.install_branch_tracking(state, pipe.module.transformer)
+    return install(pipe, state, [(modules, pipe.module.transformer)])
+
+
+def install(pipe: Any, state: PipelineState, transformers) -> PipelineState:
+    """Hook every ``(attention modules, transformer)`` pair, swap xfuser's functions in and
+    give ``pipe`` its patched class; on failure everything is undone. Shared by the xfuser
+    adapters (legacy pipelines and the model runner)."""
+    try:
+        for modules, transformer in transformers:
+            tracking.install_layer_hooks(state, modules)
+            tracking.install_step_hooks(state, transformer)
+            tracking.install_branch_tracking(state, transformer)
+    except Exception:
+        tracking.remove_hooks(state)
+        raise
     FunctionSwap.acquire()
     try:
         pipe.__class__ = make_patched_class(type(pipe))
@@ -306,7 +318,8 @@ def patch_xdit(pipe: Any, config: CompactConfig) -> PipelineState:
 
 
 def unpatch_xdit(pipe: Any) -> None:
-    """Undo ``patch_xdit``: hooks removed, class and xfuser functions restored."""
+    """Undo ``patch_xdit`` (or the runner adapter's pipeline patch): hooks removed, class and
+    xfuser functions restored."""
     state: PipelineState = getattr(pipe, STATE_ATTR)
     tracking.remove_hooks(state)
     state.new_generation()  # waits for any outstanding asynchronous gathers

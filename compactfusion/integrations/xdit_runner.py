@@ -27,13 +27,12 @@ import torch
 
 from ..config import CompactConfig
 from ..residual import ResidualCompressor
-from . import tracking
 from .state import STATE_ATTR, PipelineState
 from .xdit import (
-    FunctionSwap,
     check_xfuser_runtime,
+    install,
     is_xdit_pipeline,
-    make_patched_class,
+    unpatch_xdit,
     xfuser_modules,
 )
 
@@ -180,33 +179,13 @@ def patch_runner_pipeline(pipe: Any, config: CompactConfig) -> PipelineState:
         ring_world=ring,
         ulysses_world=ulysses,
     )
-    try:
-        for attr, transformer in transformers:
-            tracking.install_layer_hooks(state, _attention_sites(attr, transformer))
-            tracking.install_step_hooks(state, transformer)
-            tracking.install_branch_tracking(state, transformer)
-        FunctionSwap.acquire()
-    except Exception:
-        tracking.remove_hooks(state)
-        raise
-    try:
-        pipe.__class__ = make_patched_class(type(pipe))
-    except Exception:
-        FunctionSwap.release()
-        tracking.remove_hooks(state)
-        raise
-    setattr(pipe, STATE_ATTR, state)
-    return state
+    hooked = [(_attention_sites(attr, t), t) for attr, t in transformers]
+    return install(pipe, state, hooked)
 
 
 def unpatch_runner_pipeline(pipe: Any) -> None:
     """Undo :func:`patch_runner_pipeline`: hooks removed, class and xfuser functions restored."""
-    state: PipelineState = getattr(pipe, STATE_ATTR)
-    tracking.remove_hooks(state)
-    state.new_generation()  # waits for any outstanding asynchronous gathers
-    pipe.__class__ = state.original_class
-    delattr(pipe, STATE_ATTR)
-    FunctionSwap.release()
+    unpatch_xdit(pipe)
 
 
 # --------------------------------------------------------------------------------------------
