@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.compactfusion-installed
 
-.PHONY: setup demo codec-demo test lint gpu-check clean
+.PHONY: setup demo codec-demo test test-fast lint gpu-check clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,14 @@ codec-demo: setup
 test: setup
 	@$(PY) -m pytest -q tests; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$status
+
+# In-process unit tests only (codecs, config, residual state, memory, tracking): no spawned
+# ranks, no xfuser pipelines; about 20 s on 2 cores. `make test` runs everything.
+FAST_TESTS := tests/test_config.py tests/test_codec_raw.py tests/test_codecs_quantized.py \
+	tests/test_policy.py tests/test_backend.py tests/test_tracking.py tests/test_memory.py \
+	tests/test_lowrank.py tests/test_residual.py
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" $(FAST_TESTS)
 
 lint: setup
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
