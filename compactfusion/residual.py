@@ -258,7 +258,7 @@ class ResidualCompressor:
         else:
             site.base = new_base
             site.calls += 1
-        self._count(site, x, payload)
+        self._count(site, tuple(x.shape), x.dtype, payload.numel())
         return payload
 
     def _encode_compressed(self, site: _Site, x: torch.Tensor):
@@ -313,9 +313,7 @@ class ResidualCompressor:
         payload's first bytes (see ``decode_header``).
         """
         codec_id, dtype, shape, _, hdr = decode_header(payload, header)
-        site = self._sites.get(key)
-        if site is None:
-            site = self._sites[key] = _Site(key, SiteStats("recv"), self.store)
+        site = self._site_of(key, "recv")
         if codec_id == self._raw.codec_id:
             nbytes = math.prod(shape) * dtype.itemsize
             if payload.numel() != self._raw.payload_nbytes(shape, dtype):
@@ -341,10 +339,7 @@ class ResidualCompressor:
             value = self._decode_compressed(site, payload, shape, dtype, out)
             site.base = value
             site.calls += 1
-        site.stats.shape, site.stats.dtype = tuple(shape), str(dtype).replace("torch.", "")
-        site.stats.calls += 1
-        site.stats.raw_bytes += math.prod(shape) * dtype.itemsize
-        site.stats.payload_bytes += payload.numel()
+        self._count(site, tuple(shape), dtype, payload.numel())
         return value
 
     def _decode_compressed(self, site, payload, shape, dtype, out, check_header=True):
@@ -421,7 +416,7 @@ class ResidualCompressor:
             site.calls += 1
             status = item_status if status is None else status | item_status
             payloads.append(payload)
-            self._count(site, x, payload)
+            self._count(site, tuple(x.shape), x.dtype, payload.numel())
         for payload in payloads:
             payload[FLAGS_OFFSET : FLAGS_OFFSET + 1].copy_(status.reshape(1))
         if updates:
@@ -445,9 +440,7 @@ class ResidualCompressor:
         update the site's base, without a host read. A payload flagged not finite is decoded
         into ``out`` as it is (its non-finite values stay visible) but leaves the base alone."""
         shape, dtype, device = tuple(out.shape), out.dtype, out.device
-        site = self._sites.get(key)
-        if site is None:
-            site = self._sites[key] = _Site(key, SiteStats("recv"), self.store)
+        site = self._site_of(key, "recv")
         self._join(group, key, device)
         codec = self.codec if compressed else self._raw
         mismatch = header_mismatch(payload, codec.device_header(shape, dtype, device))
@@ -474,26 +467,16 @@ class ResidualCompressor:
             site.calls = 1 if restarted else site.calls + 1
             site.stats.raw_sends += 1
         self._record(group, flags | mismatch.to(torch.uint8) * HEADER_MISMATCH)
-        st = site.stats
-        st.shape, st.dtype = shape, str(dtype).replace("torch.", "")
-        st.calls += 1
-        st.raw_bytes += math.prod(shape) * dtype.itemsize
-        st.payload_bytes += payload.numel()
+        self._count(site, shape, dtype, payload.numel())
 
     def count_plain(self, key: Hashable, role: str, x: torch.Tensor) -> None:
         """Count a plain (uncompressed, headerless) transfer at site ``key`` in the statistics:
         ``x`` is the tensor sent (``role="send"``) or received (``"recv"``); no base is kept.
         The collectives send this way when the codec is lossless (``raw``): there is nothing
         to compress against."""
-        site = self._sites.get(key)
-        if site is None:
-            site = self._sites[key] = _Site(key, SiteStats(role), self.store)
-        st, nbytes = site.stats, x.numel() * x.element_size()
-        st.shape, st.dtype = tuple(x.shape), str(x.dtype).replace("torch.", "")
-        st.calls += 1
-        st.raw_sends += 1
-        st.raw_bytes += nbytes
-        st.payload_bytes += nbytes
+        site = self._site_of(key, role)
+        site.stats.raw_sends += 1
+        self._count(site, tuple(x.shape), x.dtype, x.numel() * x.element_size())
 
     def end_step(self) -> bool:
         """Apply the status flags of this step's exchanges: one device-to-host read per device
@@ -655,22 +638,30 @@ class ResidualCompressor:
             "raw_by_budget": [repr(k) for k in store.refused()],
         }
 
-    def _site(self, key: Hashable, role: str, x: torch.Tensor) -> _Site:
+    def _site_of(self, key: Hashable, role: str) -> _Site:
+        """The site of ``key``, created (with ``role`` for its statistics) on first use."""
         site = self._sites.get(key)
         if site is None:
             site = self._sites[key] = _Site(key, SiteStats(role), self.store)
+        return site
+
+    def _site(self, key: Hashable, role: str, x: torch.Tensor) -> _Site:
+        site = self._site_of(key, role)
         if site.base is not None and (
             tuple(site.base.shape) != tuple(x.shape) or site.base.dtype != x.dtype
         ):
             site.base, site.codec_state, site.calls = None, None, 0  # restart with a raw send
         return site
 
-    def _count(self, site: _Site, x: torch.Tensor, payload: torch.Tensor) -> None:
+    def _count(
+        self, site: _Site, shape: tuple[int, ...], dtype: torch.dtype, payload_nbytes: int
+    ) -> None:
+        """One call of ``site``: a ``shape``/``dtype`` tensor carried in ``payload_nbytes``."""
         st = site.stats
-        st.shape, st.dtype = tuple(x.shape), str(x.dtype).replace("torch.", "")
+        st.shape, st.dtype = shape, str(dtype).replace("torch.", "")
         st.calls += 1
-        st.raw_bytes += x.numel() * x.element_size()
-        st.payload_bytes += payload.numel()
+        st.raw_bytes += math.prod(shape) * dtype.itemsize
+        st.payload_bytes += payload_nbytes
 
     def _warn_once(self, tag: str, message: str) -> None:
         if tag not in self._warned:
