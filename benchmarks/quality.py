@@ -548,6 +548,24 @@ def summarize(meta: dict, results: list[dict], with_optional: bool) -> tuple[lis
     return summary, steps_rows
 
 
+def write_results(out: str, tag: str, summary: tuple, steps: tuple) -> dict[str, str]:
+    """Write the summary and per-step CSVs (``(fields, rows)`` each) of one run named ``tag``
+    under ``out``; return the paths of those and of the Markdown table and plot that go
+    beside them (``csv``, ``steps_csv``, ``md``, ``png``)."""
+    paths = {
+        "csv": os.path.join(out, f"quality_{tag}.csv"),
+        "steps_csv": os.path.join(out, f"quality_{tag}_steps.csv"),
+        "md": os.path.join(out, f"quality_{tag}.md"),
+        "png": os.path.join(out, f"quality_{tag}.png"),
+    }
+    for path, (fields, rows) in ((paths["csv"], summary), (paths["steps_csv"], steps)):
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+    return paths
+
+
 def _f(x: float, digits: int = 6) -> str:
     if isinstance(x, float) and math.isinf(x):
         return "inf"
@@ -760,20 +778,7 @@ def run_trajectory_benchmark(args) -> dict[str, str]:
     wall = time.perf_counter() - start
     os.makedirs(args.out, exist_ok=True)
     tag = "trajectory_smoke" if args.smoke else "trajectory"
-    paths = {
-        "csv": os.path.join(args.out, f"quality_{tag}.csv"),
-        "steps_csv": os.path.join(args.out, f"quality_{tag}_steps.csv"),
-        "md": os.path.join(args.out, f"quality_{tag}.md"),
-        "png": os.path.join(args.out, f"quality_{tag}.png"),
-    }
-    for path, fields, data_rows in (
-        (paths["csv"], TRAJ_FIELDS, rows),
-        (paths["steps_csv"], TRAJ_STEP_FIELDS, step_rows),
-    ):
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(data_rows)
+    paths = write_results(args.out, tag, (TRAJ_FIELDS, rows), (TRAJ_STEP_FIELDS, step_rows))
     tc = datas["outliers"]
     lines = [
         "## Quality: synthetic K/V trajectory\n",
@@ -932,20 +937,7 @@ def main(argv=None) -> dict[str, str]:
         tag += f"_{args.dtype}"
     if args.mode != "allgather":
         tag += f"_{args.mode}"
-    paths = {
-        "csv": os.path.join(args.out, f"quality_{tag}.csv"),
-        "steps_csv": os.path.join(args.out, f"quality_{tag}_steps.csv"),
-        "md": os.path.join(args.out, f"quality_{tag}.md"),
-        "png": os.path.join(args.out, f"quality_{tag}.png"),
-    }
-    for path, fields, rows in (
-        (paths["csv"], SUMMARY_FIELDS, summary),
-        (paths["steps_csv"], STEP_FIELDS, steps_rows),
-    ):
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
+    paths = write_results(args.out, tag, (SUMMARY_FIELDS, summary), (STEP_FIELDS, steps_rows))
     text = markdown(summary, opts, wall)
     with open(paths["md"], "w") as f:
         f.write(text)
