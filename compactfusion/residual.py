@@ -53,6 +53,7 @@ from .codecs.base import (
     check_fits,
     deferred_checks,
     header_mismatch,
+    payload_flags,
     require_finite,
 )
 from .config import CompactConfig
@@ -224,13 +225,6 @@ class ResidualCompressor:
 
     def raw_payload_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
         return self._raw.payload_nbytes(shape, dtype)
-
-    def received_nbytes(self, buffer: torch.Tensor, header: bytes | None = None) -> int:
-        """Size of the payload at the start of ``buffer`` (which may be padded), from its
-        header: lets a receiver slice payloads without knowing the sender's decision."""
-        codec_id, dtype, shape, _, _ = decode_header(buffer, header)
-        codec = self._raw if codec_id == self._raw.codec_id else self.codec
-        return codec.payload_nbytes(shape, dtype)
 
     # --- sender -------------------------------------------------------------------------------
     def encode(self, key: Hashable, x: torch.Tensor, force_raw: bool = False) -> torch.Tensor:
@@ -444,7 +438,7 @@ class ResidualCompressor:
         self._join(group, key, device)
         codec = self.codec if compressed else self._raw
         mismatch = header_mismatch(payload, codec.device_header(shape, dtype, device))
-        flags = payload[FLAGS_OFFSET]
+        flags = payload_flags(payload)
         if compressed:
             base = site.base  # as stored (a tensor, or a CompactBase with base_storage)
             if base is None or tuple(base.shape) != shape or base.dtype != dtype:
