@@ -13,13 +13,18 @@ receiver share, with error feedback. Entry points:
 - ``compactfusion.codecs.get_codec``: the codecs (raw, fp8, int2, int1, nm_sparse, lowrank).
 - ``compactfusion.verify_bases(pipe)``: check (a collective) that every receiver's bases equal
   their senders' bit for bit.
+- Errors: ``ConfigMismatchError`` (ranks configured differently), ``PayloadError`` (a corrupt
+  or mismatched payload), ``CollectiveTimeout`` (a peer did not take part within
+  ``CompactConfig.timeout_s``), ``ConcurrentUseError`` (one pipeline used from two threads),
+  ``BaseDivergenceError``.
 """
 
 from .api import generation, is_patched, patch, patched, stats, unpatch
 from .codecs import PayloadError, available_codecs, get_codec
 from .collectives import ConfigMismatchError
 from .config import PRESETS, CompactConfig
-from .residual import ResidualCompressor
+from .residual import ConcurrentUseError, ResidualCompressor
+from .timeouts import CollectiveTimeout
 from .verify import BaseDivergenceError, verify_bases
 
 __version__ = "0.1.0"
@@ -27,7 +32,9 @@ __version__ = "0.1.0"
 __all__ = [
     "PRESETS",
     "BaseDivergenceError",
+    "CollectiveTimeout",
     "CompactConfig",
+    "ConcurrentUseError",
     "ConfigMismatchError",
     "PayloadError",
     "ResidualCompressor",

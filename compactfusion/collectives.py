@@ -22,6 +22,11 @@ The ring relay and the asynchronous all-gather of the ``stale`` mode
 protocol: a rank whose input is not finite sends a small *retry marker* instead of a payload,
 which every rank learns about by reading the payload headers (one host read per call), and
 then every rank repeats the exchange with raw payloads, restarting the bases exactly.
+
+With ``CompactConfig(timeout_s=...)`` each collective here waits at most that long for its
+peers and raises :class:`~compactfusion.timeouts.CollectiveTimeout` naming the exchange (on
+the CPU per collective; on GPUs the steady-state exchanges are bounded once per step by
+``ResidualCompressor.end_step``, see ``compactfusion.timeouts``).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import torch.distributed as dist
 from .codecs import encode_header
 from .codecs.base import MAX_HEADER_NBYTES
 from .residual import ResidualCompressor
+from .timeouts import CollectiveTimeout, host_timeout, wait_work
 
 RETRY_MARKER_ID = 255
 
@@ -51,6 +57,20 @@ def all_gather_flat(out: torch.Tensor, inp: torch.Tensor, group=None, async_op: 
     return fn(out, inp, group=group, async_op=async_op)
 
 
+def run_bounded(
+    what: str, timeout_s: float | None, device: torch.device, fn, *args: Any, **kwargs: Any
+) -> None:
+    """Run the collective ``fn(*args, **kwargs)`` to completion, as torch would without
+    ``async_op``, waiting at most ``timeout_s`` when its tensors live on the CPU (started
+    asynchronously, then ``work.wait(timeout)``); :class:`CollectiveTimeout` names ``what``.
+    On a GPU, or with ``timeout_s=None``, it is the plain synchronous call."""
+    bound = host_timeout(timeout_s, device)
+    if bound is None:
+        fn(*args, **kwargs)
+    else:
+        wait_work(fn(*args, async_op=True, **kwargs), what, bound)
+
+
 def group_name(group: dist.ProcessGroup | None) -> str:
     """The name of ``group`` (None: the default group), the same on every rank of it."""
     return (group if group is not None else dist.group.WORLD).group_name
@@ -60,18 +80,23 @@ class ConfigMismatchError(ValueError):
     """Ranks were configured differently; raised on every rank."""
 
 
-def check_consistent(description: str, group: dist.ProcessGroup | None = None) -> None:
+def check_consistent(
+    description: str, group: dist.ProcessGroup | None = None, timeout_s: float | None = None
+) -> None:
     """Raise ``ConfigMismatchError`` on every rank unless all ranks pass the same description.
 
     Exchanges a 32-byte hash of ``description`` (e.g. a config fingerprint plus the payload
     layout) with one all-gather, so mismatched ranks fail with the same clear error instead of
-    hanging or decoding garbage.
+    hanging or decoding garbage. With ``timeout_s`` a rank whose peers do not all reach the
+    check within that many seconds raises :class:`CollectiveTimeout` (on any device: the
+    result is read back to the host anyway).
     """
     digest = hashlib.sha256(description.encode()).digest()
-    mine = torch.frombuffer(bytearray(digest), dtype=torch.uint8).to(_device_for(group))
+    mine = torch.frombuffer(bytearray(digest), dtype=torch.uint8).to(device_for(group))
     world = dist.get_world_size(group)
     gathered = torch.empty(world * len(digest), dtype=torch.uint8, device=mine.device)
-    all_gather_flat(gathered, mine, group)
+    work = all_gather_flat(gathered, mine, group, async_op=timeout_s is not None)
+    wait_work(work, "cross-rank configuration check", timeout_s)
     rows = gathered.view(world, len(digest)).cpu()
     bad = [r for r in range(world) if not torch.equal(rows[r], rows[0])]
     if bad:
@@ -81,7 +106,9 @@ def check_consistent(description: str, group: dist.ProcessGroup | None = None) -
         )
 
 
-def _device_for(group: dist.ProcessGroup | None) -> torch.device:
+def device_for(group: dist.ProcessGroup | None) -> torch.device:
+    """The device a collective over ``group`` exchanges host-made tensors on (the current
+    CUDA device for NCCL, else the CPU)."""
     backend = dist.get_backend(group)
     if backend == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -137,8 +164,17 @@ def compressed_all_gather(
     """
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     out = gather_buffer(x, world, out)
+    timeout_s = comp.config.timeout_s
     if comp.codec.lossless:  # nothing to compress against: a plain all-gather, no bases
-        all_gather_flat(out.view(-1), x.contiguous().view(-1), group)
+        run_bounded(
+            f"all-gather of {site!r}",
+            timeout_s,
+            x.device,
+            all_gather_flat,
+            out.view(-1),
+            x.contiguous().view(-1),
+            group,
+        )
         comp.count_plain((site, rank), "send", x)
         for r in range(world):
             if r != rank:
@@ -150,7 +186,8 @@ def compressed_all_gather(
     (payload,) = comp.send(site, [((site, rank), x)], compressed)
     comp.set_process_group(site, group_name(group))
     gathered = torch.empty(world * nbytes, dtype=torch.uint8, device=x.device)
-    all_gather_flat(gathered, payload, group)
+    what = f"compressed all-gather of {site!r}"
+    run_bounded(what, timeout_s, x.device, all_gather_flat, gathered, payload, group)
     rows = gathered.view(world, nbytes)
     for r in range(world):
         if r != rank:
@@ -179,11 +216,14 @@ class PendingGather:
     rank: int
     payloads: torch.Tensor  # (world, nbytes) uint8; complete once ``work`` is
     work: Any = None  # the asynchronous work handle (None: already complete)
+    timeout_s: float | None = None  # CompactConfig.timeout_s of the compressor
 
     def wait(self) -> None:
+        """Wait for the gather (at most ``timeout_s``: its payloads are read on the host
+        next, so the bound costs nothing extra on any device)."""
         if self.work is not None:
-            self.work.wait()
-            self.work = None
+            work, self.work = self.work, None
+            wait_work(work, f"stale all-gather of {self.site!r}", self.timeout_s)
 
 
 def start_compressed_all_gather(
@@ -203,8 +243,9 @@ def start_compressed_all_gather(
     nbytes = comp.payload_nbytes(key, tuple(x.shape), x.dtype)
     payload, _ = _encode_fixed(comp, key, x, nbytes)
     gathered = torch.empty(world * nbytes, dtype=torch.uint8, device=x.device)
-    work = all_gather_flat(gathered, payload, group, async_op=async_op)
-    return PendingGather(site, rank, gathered.view(world, nbytes), work)
+    timeout_s = comp.config.timeout_s
+    work = all_gather_flat(gathered, payload, group, async_op=async_op or timeout_s is not None)
+    return PendingGather(site, rank, gathered.view(world, nbytes), work, timeout_s)
 
 
 def finish_compressed_all_gather(
@@ -237,7 +278,9 @@ def raw_all_gather(comp, site, x, group, out):
     nbytes = comp.raw_payload_nbytes(tuple(x.shape), x.dtype)
     payload = comp.encode((site, rank), x, force_raw=True)
     gathered = torch.empty(world * nbytes, dtype=torch.uint8, device=x.device)
-    all_gather_flat(gathered, payload, group)
+    # The headers are read on the host next: bounded on any device.
+    work = all_gather_flat(gathered, payload, group, async_op=True)
+    wait_work(work, f"raw all-gather of {site!r}", comp.config.timeout_s)
     payloads = gathered.view(world, nbytes)
     out = gather_buffer(x, world, out)
     _decode_peers(comp, site, rank, payloads, host_headers(payloads), out)
@@ -268,9 +311,13 @@ def compressed_all_to_all(
     chunks = x.chunk(world, dim=0)
     shape, dtype = tuple(chunks[0].shape), x.dtype
     peers = [j for j in range(world) if j != rank]
+    timeout_s = comp.config.timeout_s
     if comp.codec.lossless:  # nothing to compress against: a plain all-to-all, no bases
         out = torch.empty_like(x)
-        dist.all_to_all_single(out, x.contiguous(), group=group)
+        what = f"all-to-all of {site!r}"
+        run_bounded(
+            what, timeout_s, x.device, dist.all_to_all_single, out, x.contiguous(), group=group
+        )
         out_chunks = out.chunk(world, dim=0)
         for j in peers:
             comp.count_plain((site, rank, j), "send", chunks[j])
@@ -287,7 +334,8 @@ def compressed_all_to_all(
     for j, payload in zip(peers, payloads, strict=True):
         send[j] = payload
     recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
+    what = f"compressed all-to-all of {site!r}"
+    run_bounded(what, timeout_s, x.device, dist.all_to_all_single, recv, send, group=group)
     out = torch.empty_like(x)
     out_chunks = out.chunk(world, dim=0)
     out_chunks[rank].copy_(chunks[rank])
@@ -297,6 +345,7 @@ def compressed_all_to_all(
 
 
 __all__ = [
+    "CollectiveTimeout",
     "ConfigMismatchError",
     "PendingGather",
     "check_consistent",
@@ -309,5 +358,6 @@ __all__ = [
     "is_retry_marker",
     "raw_all_gather",
     "retry_marker",
+    "run_bounded",
     "start_compressed_all_gather",
 ]

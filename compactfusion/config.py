@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .codecs import available_codecs, get_codec
+from .timeouts import validate_timeout
 
 MODES = ("allgather", "ring", "stale")
 BASE_STORAGES = ("full", "int8", "fp8")  # compactfusion.memory implements them
@@ -131,6 +132,17 @@ class CompactConfig:
             (``compactfusion.verify_bases``: one checksum exchange over all ranks) and raise
             ``BaseDivergenceError`` on every rank if any differ. Needs
             ``error_feedback=True`` (without it bases differ by design).
+        timeout_s: the longest compactfusion waits for one of its own collectives (compressed
+            all-gather / all-to-all, ring relay transfers, the cross-rank configuration check,
+            ``verify_bases``; on GPUs the step's status read) before raising
+            ``CollectiveTimeout`` naming the exchange. None (default): the process group's own
+            timeout (torch's default is 30 minutes for gloo, 10 for NCCL). Need not match
+            across ranks. See ``compactfusion.timeouts`` and the README section "Timeouts".
+        checksum: append a 16-byte checksum of every payload, verified by each receiver on
+            the device; a corrupt payload raises ``PayloadError`` on the receiving rank at the
+            step's status read (``end_step``; in the ``ring`` and ``stale`` modes at once).
+            Off by default (it costs a pass over each payload on both sides). Needs a lossy
+            codec: with ``"raw"`` plain collectives run and there is no payload to check.
     """
 
     codec: str = "int2"
@@ -148,6 +160,8 @@ class CompactConfig:
     max_base_bytes: int | None = None
     base_storage: str = "full"
     verify: bool = False
+    timeout_s: float | None = None
+    checksum: bool = False
 
     def __post_init__(self) -> None:
         if self.codec not in available_codecs():
@@ -162,7 +176,7 @@ class CompactConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name}: must be a non-negative integer, got {value!r}")
-        for name in ("residual", "error_feedback", "compress_ulysses", "verify"):
+        for name in ("residual", "error_feedback", "compress_ulysses", "verify", "checksum"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: must be a bool, got {getattr(self, name)!r}")
         if self.site_policy is not None and not callable(self.site_policy):
@@ -194,6 +208,12 @@ class CompactConfig:
             raise ValueError(
                 "verify: needs error_feedback=True (without error feedback the sender keeps "
                 "the exact activation, so its bases differ from the receivers' by design)"
+            )
+        object.__setattr__(self, "timeout_s", validate_timeout(self.timeout_s))
+        if self.checksum and self.codec == "raw":
+            raise ValueError(
+                'checksum: codec "raw" runs the plain collectives (no payloads, nothing to '
+                "check); use a lossy codec or checksum=False"
             )
         if not self.residual and not self.error_feedback:
             raise ValueError(
@@ -242,8 +262,11 @@ class CompactConfig:
         return d
 
     def fingerprint(self) -> str:
-        """A short hash of everything that must match across ranks."""
-        text = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        """A short hash of everything that must match across ranks (``timeout_s`` need not:
+        each rank bounds its own waits)."""
+        d = self.to_dict()
+        del d["timeout_s"]
+        text = json.dumps(d, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def __hash__(self) -> int:

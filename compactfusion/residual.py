@@ -27,6 +27,21 @@ Two ways to use it:
   reads every group's flags with one device-to-host copy, counts and logs the event, and
   restarts the affected groups with raw payloads on every rank.
 
+With ``CompactConfig(checksum=True)`` every payload carries a 16-byte checksum trailer (see
+``compactfusion.checksum``): ``send`` appends it, ``receive`` verifies it on the device and
+flags a mismatch (``CORRUPT``), which ``end_step`` raises as :class:`PayloadError` on the
+receiving rank; ``encode`` / ``decode`` append and verify it too (``decode`` with a host read).
+
+Thread safety: a compressor belongs to one thread at a time. The first call that uses its state
+(``encode``, ``decode``, ``exchange_compressed``, ``send``, ``receive``, ``count_plain``,
+``end_step``, ``restart``, ``reset``) claims it for the calling thread, which keeps it until it
+calls :meth:`ResidualCompressor.release` (or leaves a :meth:`ResidualCompressor.held` block,
+as a patched pipeline does at the end of each generation). A call from any other thread in the
+meantime raises :class:`ConcurrentUseError` and changes nothing: two threads interleaving calls
+would let sender and receiver bases diverge silently. The check is one comparison per call
+(skipped while torch.compile traces; the compressed exchanges run inside custom ops, which it
+does not trace).
+
 Every base is assigned through a :class:`~compactfusion.memory.BaseStore`, which counts its
 bytes, applies ``max_base_bytes`` (a refused site keeps no base, so it is always sent raw) and
 stores it in ``base_storage`` format (see ``compactfusion.memory``). Blocks that can never be
@@ -36,15 +51,18 @@ base either.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Hashable
+import threading
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .backend import resolve_backend
+from .checksum import CHECKSUM_NBYTES, checksum_mismatch, with_checksum
 from .codecs import NonFiniteInput, PayloadError, decode_header, get_codec
 from .codecs.base import (
     FLAG_NOT_FINITE,
@@ -59,6 +77,7 @@ from .codecs.base import (
 from .config import CompactConfig
 from .memory import BaseStore, CompactBase, Footprint, dequantized, stored_nbytes
 from .policy import worth_compressing
+from .timeouts import wait_device
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +91,12 @@ NOT_FINITE = FLAG_NOT_FINITE  # a sender's values were not finite: that payload 
 OUT_OF_RANGE = FLAG_OUT_OF_RANGE  # a raw base is not finite or beyond MAX_MAGNITUDE
 HEADER_MISMATCH = 4  # a received header differs from the layout the ranks agreed on
 OWN_NOT_FINITE = 8  # this rank's own values were not finite (statistics and warning only)
+CORRUPT = 16  # a received payload failed its checksum (CompactConfig.checksum)
+
+
+class ConcurrentUseError(RuntimeError):
+    """A :class:`ResidualCompressor` (or the pipeline it belongs to) was used from a thread
+    other than the one holding it; see "Thread safety" in ``compactfusion.residual``."""
 
 
 def _max_abs(t: torch.Tensor) -> torch.Tensor:
@@ -152,6 +177,9 @@ class ResidualCompressor:
 
     With ``error_feedback=False`` (an ablation) the sender keeps ``base <- x`` while receivers
     keep their reconstruction, so the two sides' bases drift apart by design.
+
+    Not thread-safe, and it says so: one thread holds it at a time (the first to use it, until
+    :meth:`release`); a call from another thread raises :class:`ConcurrentUseError`.
     """
 
     config: CompactConfig = field(default_factory=CompactConfig)
@@ -171,6 +199,50 @@ class ResidualCompressor:
             self.config.base_storage,
             never_compressed=self.never_compresses,
         )
+        self._trailer = CHECKSUM_NBYTES if self.config.checksum else 0
+        self._owner: int | None = None  # threading.get_ident() of the holding thread
+        self._owner_lock = threading.Lock()  # taken only to claim a free compressor
+
+    # --- thread ownership ---------------------------------------------------------------------
+    def _claim(self) -> bool:
+        """Hold the compressor for the calling thread: True if it was free and is held now,
+        False if this thread already held it; :class:`ConcurrentUseError` if another does."""
+        if torch.compiler.is_compiling():  # traced code runs later, in the caller's thread
+            return False
+        me = threading.get_ident()
+        if self._owner == me:
+            return False
+        with self._owner_lock:
+            if self._owner is None:
+                self._owner = me
+                return True
+        raise ConcurrentUseError(
+            f"this ResidualCompressor is held by thread {self._owner}, and thread {me} tried "
+            "to use it: one compressor (one patched pipeline) must not be used from two "
+            "threads at once; interleaved calls would let sender and receiver bases diverge "
+            "silently. Serialize the calls (one generation at a time), give each thread its "
+            "own pipeline, or hand the compressor over with release()"
+        )
+
+    def release(self) -> None:
+        """Let another thread use the compressor next (the calling thread gives it up; a
+        no-op when no thread holds it). Raises :class:`ConcurrentUseError` when another
+        thread holds it."""
+        if self._owner is not None and self._owner != threading.get_ident():
+            self._claim()  # raises, naming both threads
+        self._owner = None
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[ResidualCompressor]:
+        """Hold the compressor for the calling thread for the block (released at its end
+        unless the thread held it before); :class:`ConcurrentUseError` if another thread
+        holds it."""
+        claimed = self._claim()
+        try:
+            yield self
+        finally:
+            if claimed:
+                self._owner = None
 
     def set_footprint(self, footprint: Footprint) -> None:
         """How block keys group into logical sites for ``max_base_bytes`` (see
@@ -218,17 +290,21 @@ class ResidualCompressor:
         return False
 
     def payload_nbytes(self, key: Hashable, shape: tuple[int, ...], dtype: torch.dtype) -> int:
-        """Size of the next payload ``encode(key, x)`` returns for finite ``x``."""
+        """Size of the next payload ``encode(key, x)`` returns for finite ``x`` (checksum
+        trailer included)."""
         if self.will_compress(key, shape, dtype):
-            return self.codec.payload_nbytes(shape, dtype)
-        return self._raw.payload_nbytes(shape, dtype)
+            return self.codec.payload_nbytes(shape, dtype) + self._trailer
+        return self.raw_payload_nbytes(shape, dtype)
 
     def raw_payload_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
-        return self._raw.payload_nbytes(shape, dtype)
+        """Size of a raw payload (checksum trailer included)."""
+        return self._raw.payload_nbytes(shape, dtype) + self._trailer
 
     # --- sender -------------------------------------------------------------------------------
     def encode(self, key: Hashable, x: torch.Tensor, force_raw: bool = False) -> torch.Tensor:
-        """Encode the activation ``x`` of site ``key``; updates the sender's base."""
+        """Encode the activation ``x`` of site ``key``; updates the sender's base. With
+        ``checksum`` the payload ends with its checksum trailer."""
+        self._claim()
         site = self._site(key, "send", x)
         compress = not force_raw and self.will_compress(key, tuple(x.shape), x.dtype)
         payload = None
@@ -252,6 +328,8 @@ class ResidualCompressor:
         else:
             site.base = new_base
             site.calls += 1
+        if self._trailer:
+            payload = with_checksum(payload)
         self._count(site, tuple(x.shape), x.dtype, payload.numel())
         return payload
 
@@ -304,8 +382,13 @@ class ResidualCompressor:
         With ``out`` the reconstruction is written there (for example a slice of a gathered
         K/V buffer) and ``out`` becomes the site's base, so the caller must leave it untouched
         until the next call of this site. ``header`` optionally holds a host copy of the
-        payload's first bytes (see ``decode_header``).
+        payload's first bytes (see ``decode_header``). With ``checksum`` the payload's
+        trailer is verified first (one host read) and a mismatch raises ``PayloadError``.
         """
+        self._claim()
+        wire_nbytes = payload.numel() if isinstance(payload, torch.Tensor) else 0
+        if self._trailer:
+            payload = self._verified(key, payload)
         codec_id, dtype, shape, _, hdr = decode_header(payload, header)
         site = self._site_of(key, "recv")
         if codec_id == self._raw.codec_id:
@@ -333,8 +416,28 @@ class ResidualCompressor:
             value = self._decode_compressed(site, payload, shape, dtype, out)
             site.base = value
             site.calls += 1
-        self._count(site, tuple(shape), dtype, payload.numel())
+        self._count(site, tuple(shape), dtype, wire_nbytes)
         return value
+
+    def _verified(self, key: Hashable, payload: torch.Tensor) -> torch.Tensor:
+        """The body of a payload whose checksum trailer matches; ``PayloadError`` otherwise."""
+        if (
+            not isinstance(payload, torch.Tensor)
+            or payload.dtype != torch.uint8
+            or payload.dim() != 1
+            or payload.numel() <= CHECKSUM_NBYTES
+        ):
+            raise PayloadError(
+                f"site {key!r}: a payload with a checksum must be a 1-D uint8 tensor of more "
+                f"than {CHECKSUM_NBYTES} bytes"
+            )
+        body, bad = checksum_mismatch(payload)
+        if bool(bad):
+            raise PayloadError(
+                f"site {key!r}: the payload's checksum does not match its data (corrupted in "
+                "transit, or the sender does not use checksum=True)"
+            )
+        return body
 
     def _decode_compressed(self, site, payload, shape, dtype, out, check_header=True):
         if not self.config.residual:
@@ -372,15 +475,17 @@ class ResidualCompressor:
         """Whether the next exchange of ``group`` (this rank's sites ``keys`` of it, sent and
         received, all of ``shape``/``dtype``) uses compressed payloads. Every rank of the
         collective gets the same answer from state they share (calls, shapes, flags)."""
+        self._claim()
         g = self._groups.get(group)
         if g is not None and g.raw_next:
             return False
         return all(self.will_compress(k, shape, dtype) for k in keys)
 
     def exchange_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype, compressed: bool) -> int:
-        """Size of every payload of an exchange decided by :meth:`exchange_compressed`."""
+        """Size of every payload of an exchange decided by :meth:`exchange_compressed`
+        (checksum trailer included)."""
         codec = self.codec if compressed else self._raw
-        return codec.payload_nbytes(shape, dtype)
+        return codec.payload_nbytes(shape, dtype) + self._trailer
 
     def send(
         self, group: Hashable, items: list[tuple[Hashable, torch.Tensor]], compressed: bool
@@ -391,7 +496,9 @@ class ResidualCompressor:
         The status of all items (not finite, or a raw value out of range) is OR-ed and written
         into every payload's flags byte, so each receiver learns about any of them; when a
         value was not finite, every compressed base of ``items`` keeps its previous value,
-        exactly as the receivers' do."""
+        exactly as the receivers' do. With ``checksum`` each payload ends with its checksum
+        trailer (computed after the flags are written)."""
+        self._claim()
         device = items[0][1].device
         payloads, updates, status = [], [], None
         for key, x in items:
@@ -410,9 +517,11 @@ class ResidualCompressor:
             site.calls += 1
             status = item_status if status is None else status | item_status
             payloads.append(payload)
-            self._count(site, tuple(x.shape), x.dtype, payload.numel())
+            self._count(site, tuple(x.shape), x.dtype, payload.numel() + self._trailer)
         for payload in payloads:
             payload[FLAGS_OFFSET : FLAGS_OFFSET + 1].copy_(status.reshape(1))
+        if self._trailer:
+            payloads = [with_checksum(p) for p in payloads]
         if updates:
             failed = (status & NOT_FINITE) != 0
             for site, new_base in updates:
@@ -432,13 +541,24 @@ class ResidualCompressor:
         """Receiver side of an exchange: decode ``payload`` (of the layout
         :meth:`exchange_compressed` decided, for a tensor shaped like ``out``) into ``out`` and
         update the site's base, without a host read. A payload flagged not finite is decoded
-        into ``out`` as it is (its non-finite values stay visible) but leaves the base alone."""
+        into ``out`` as it is (its non-finite values stay visible) but leaves the base alone.
+        With ``checksum`` a payload whose trailer does not match is decoded as well, leaves a
+        compressed base alone and makes ``end_step`` raise ``PayloadError``."""
+        self._claim()
         shape, dtype, device = tuple(out.shape), out.dtype, out.device
         site = self._site_of(key, "recv")
         self._join(group, key, device)
+        wire_nbytes = payload.numel()
+        corrupt = None
+        if self._trailer:
+            payload, corrupt = checksum_mismatch(payload)
         codec = self.codec if compressed else self._raw
         mismatch = header_mismatch(payload, codec.device_header(shape, dtype, device))
         flags = payload_flags(payload)
+        status = flags | mismatch.to(torch.uint8) * HEADER_MISMATCH
+        if corrupt is not None:
+            mismatch = mismatch | corrupt  # keep the base, as for a header mismatch
+            status = status | corrupt.to(torch.uint8) * CORRUPT
         if compressed:
             base = site.base  # as stored (a tensor, or a CompactBase with base_storage)
             if base is None or tuple(base.shape) != shape or base.dtype != dtype:
@@ -460,14 +580,15 @@ class ResidualCompressor:
             _store_value(site, out)
             site.calls = 1 if restarted else site.calls + 1
             site.stats.raw_sends += 1
-        self._record(group, flags | mismatch.to(torch.uint8) * HEADER_MISMATCH)
-        self._count(site, shape, dtype, payload.numel())
+        self._record(group, status)
+        self._count(site, shape, dtype, wire_nbytes)
 
     def count_plain(self, key: Hashable, role: str, x: torch.Tensor) -> None:
         """Count a plain (uncompressed, headerless) transfer at site ``key`` in the statistics:
         ``x`` is the tensor sent (``role="send"``) or received (``"recv"``); no base is kept.
         The collectives send this way when the codec is lossless (``raw``): there is nothing
         to compress against."""
+        self._claim()
         site = self._site_of(key, role)
         site.stats.raw_sends += 1
         self._count(site, tuple(x.shape), x.dtype, x.numel() * x.element_size())
@@ -479,9 +600,12 @@ class ResidualCompressor:
 
         Groups that carried non-finite values restart with raw payloads (on every rank: the
         flags travelled in the payloads), groups whose raw bases are out of range stay raw
-        until they are not, and a header that differed from the agreed layout raises
-        :class:`PayloadError`."""
+        until they are not, and a header that differed from the agreed layout or a payload
+        that failed its checksum raises :class:`PayloadError`. With ``timeout_s`` the read
+        waits for a GPU's work at most that long (``CollectiveTimeout``)."""
+        self._claim()
         for device, vec in self._flags.items():
+            wait_device(device, "step's compressed exchanges (end_step)", self.config.timeout_s)
             values = vec.tolist()  # the step's one host read
             vec.zero_()
             for group, value in zip(self._slots[device], values, strict=True):
@@ -493,6 +617,11 @@ class ResidualCompressor:
 
     def _apply_status(self, group: Hashable, value: int) -> None:
         g = self._groups[group]
+        if value & CORRUPT:
+            raise PayloadError(
+                f"exchange {group!r}: a received payload failed its checksum (corrupted in "
+                "transit); this step's output on this rank may be wrong"
+            )
         if value & HEADER_MISMATCH:
             raise PayloadError(
                 f"exchange {group!r}: a received payload header differs from the layout the "
@@ -552,6 +681,7 @@ class ResidualCompressor:
     def reset(self) -> None:
         """Forget all bases, codec states, budget decisions and pending exchange flags (keeps
         the statistics)."""
+        self._claim()
         for site in self._sites.values():
             site.base, site.codec_state, site.calls = None, None, 0
         self.store.reset()
@@ -567,6 +697,7 @@ class ResidualCompressor:
     def restart(self, keys: list[Hashable]) -> None:
         """Forget the bases (and codec states) of ``keys``: their next call is sent raw. Every
         holder of a site must restart it together."""
+        self._claim()
         for key in keys:
             site = self._sites.get(key)
             if site is not None:

@@ -4,19 +4,24 @@ Residual compression is only correct while sender and receivers rebuild the same
 difference (ranks configured differently, a compiler that changed a rounding, a bug) would
 otherwise degrade the output silently. :func:`verify_bases` is a collective: each rank hashes
 each of its bases on the device (an exact, position-weighted checksum of the raw bits), reads
-the checksums back with one transfer, and the ranks exchange them with one
-``all_gather_object``, so every rank reaches the same verdict.
+the checksums back with one transfer, and the ranks exchange them (two all-gathers: the sizes,
+then the pickled tables), so every rank reaches the same verdict. With
+``CompactConfig(timeout_s=...)`` each all-gather waits at most that long
+(``CollectiveTimeout``).
 """
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Hashable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from .collectives import all_gather_flat, device_for
 from .residual import ResidualCompressor
+from .timeouts import wait_work
 
 _PRIME = 2147483647  # 2**31 - 1: products of 32-bit words and weights stay below 2**63
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -53,8 +58,7 @@ def compare_bases(comp: ResidualCompressor, group: dist.ProcessGroup | None = No
         for k, s, (_, b) in zip(keys, sums, items, strict=True)
     }
     world = dist.get_world_size(group)
-    everyone: list[Any] = [None] * world
-    dist.all_gather_object(everyone, mine, group=group)
+    everyone = _all_gather_object(mine, group, comp.config.timeout_s)
     holders: dict[Hashable, dict[int, Any]] = {}
     for rank, table in enumerate(everyone):
         for key, value in table.items():
@@ -74,6 +78,26 @@ def compare_bases(comp: ResidualCompressor, group: dist.ProcessGroup | None = No
         "mismatched": mismatched,
         "world": world,
     }
+
+
+def _all_gather_object(obj: Any, group, timeout_s: float | None) -> list[Any]:
+    """``dist.all_gather_object`` with each of its two all-gathers (sizes, then the pickled
+    objects padded to the largest) waited for at most ``timeout_s``."""
+    device = device_for(group)
+    world = dist.get_world_size(group)
+    data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+    sizes = torch.empty(world, dtype=torch.int64, device=device)
+    size = torch.tensor([data.numel()], dtype=torch.int64, device=device)
+    what = "verify_bases exchange of base checksums"
+    wait_work(all_gather_flat(sizes, size, group, async_op=True), what, timeout_s)
+    sizes = sizes.tolist()
+    width = max(sizes)
+    mine = torch.zeros(width, dtype=torch.uint8, device=device)
+    mine[: data.numel()] = data.to(device)
+    rows = torch.empty(world * width, dtype=torch.uint8, device=device)
+    wait_work(all_gather_flat(rows, mine, group, async_op=True), what, timeout_s)
+    rows = rows.view(world, width).cpu()
+    return [pickle.loads(rows[r, : sizes[r]].numpy().tobytes()) for r in range(world)]
 
 
 def verify_bases(pipe: Any) -> dict:
@@ -96,8 +120,9 @@ def verify_state(state: Any) -> dict:
     """:func:`verify_bases` for a pipeline's ``PipelineState`` (what the adapters call)."""
     from .integrations.strategies import settle_stale
 
-    settle_stale(state)
-    return compare_bases(state.compressor)
+    with state.compressor.held():  # ConcurrentUseError while a generation runs elsewhere
+        settle_stale(state)
+        return compare_bases(state.compressor)
 
 
 def check_bases(pipe: Any) -> dict:

@@ -22,15 +22,20 @@ def generation_of(state: PipelineState) -> Iterator[PipelineState]:
     """Start a generation of ``state``'s pipeline (configs checked across ranks once, bases
     forgotten) and mark it as running in this context until the block ends. With
     ``CompactConfig(verify=True)`` the bases are compared across ranks when the block ends
-    normally (``BaseDivergenceError`` on every rank if any differ)."""
-    state.ensure_checked()
-    state.new_generation()
-    with tracking.running(state):
-        yield state
-    if state.config.verify:  # every rank compares its bases; raises on all of them
-        from ..verify import check_state
+    normally (``BaseDivergenceError`` on every rank if any differ).
 
-        check_state(state)
+    The calling thread holds the pipeline's compressor for the whole generation: a generation
+    started from another thread meanwhile raises ``ConcurrentUseError`` before it changes
+    anything (one generation at a time per pipeline; the next may run in any thread)."""
+    with state.compressor.held():
+        state.ensure_checked()
+        state.new_generation()
+        with tracking.running(state):
+            yield state
+        if state.config.verify:  # every rank compares its bases; raises on all of them
+            from ..verify import check_state
+
+            check_state(state)
 
 
 def patched_call_class(cls: type, around: Callable[[PipelineState], Any] | None = None) -> type:

@@ -77,7 +77,15 @@ class PipelineState:
         return self.config.base_storage == "full" and self.compressor.store.admitted(site)
 
     def new_generation(self) -> None:
-        """Forget bases, buffers and per-step statistics (outstanding gathers are waited for)."""
+        """Forget bases, buffers and per-step statistics (outstanding gathers are waited for).
+        Raises ``ConcurrentUseError`` (changing nothing) while another thread holds the
+        compressor, e.g. runs a generation of this pipeline."""
+        with self.compressor.held():
+            self._new_generation()
+
+    def _new_generation(self) -> None:
+        from .strategies import wait_stale
+
         self.compressor.reset()
         self.compressor.reset_stats()  # stats(pipe) describes the latest generation
         self.stale_bytes = 0
@@ -86,9 +94,7 @@ class PipelineState:
         self.layer, self.layer_exchanges = None, 0
         self.kv_buffers.clear()
         for entry in self.stale.values():
-            work = entry.get("work")
-            if work is not None:
-                work.wait()
+            wait_stale(self, entry)
         self.stale.clear()
         self.generations += 1
         self.step_bytes.clear()
@@ -108,7 +114,10 @@ class PipelineState:
         policy = ""
         if self.config.policy == "auto":  # decisions depend on the codec speed assumed
             policy = f"|{codec_throughput_gbps('cuda')},{codec_throughput_gbps('cpu')}"
-        check_consistent(f"{self.config.fingerprint()}|{codec}|{layout}{policy}")
+        check_consistent(
+            f"{self.config.fingerprint()}|{codec}|{layout}{policy}",
+            timeout_s=self.config.timeout_s,
+        )
         self.checked = True
 
     # Step accounting: bytes this rank sent (compressed payloads + stale raw gathers).

@@ -50,8 +50,10 @@ from ..collectives import (
     is_retry_marker,
     raw_all_gather,
     retry_marker,
+    run_bounded,
     start_compressed_all_gather,
 )
+from ..timeouts import host_timeout, wait_work
 from .state import PipelineState
 
 AttendFn = Callable[
@@ -174,8 +176,8 @@ def ring_relay_attention(state, layer, attend_fn, query, key, value, group):
     recv, reqs = relay(payload)
     acc = merge(None, attend_fn(query, key, value, True))
     for step in range(1, world):
-        for req in reqs:
-            req.wait()
+        for req in reqs:  # bounded on any device: the header is read on the host next
+            wait_work(req, f"ring relay of {site!r}", comp.config.timeout_s)
         current = recv
         if step < world - 1:
             recv, reqs = relay(current)  # post the next transfer before decoding this one
@@ -242,7 +244,19 @@ def _gather_full(state, local, group, async_op=False):
     """All-gather the full-precision local K/V (counted as stale bytes): ``(buffer, work)``
     with ``buffer`` shaped ``(world, *local.shape)``."""
     buffer = local.new_empty(dist.get_world_size(group) * local.numel())
-    work = all_gather_flat(buffer, local.reshape(-1), group, async_op=async_op)
+    work = None
+    if async_op:
+        work = all_gather_flat(buffer, local.reshape(-1), group, async_op=True)
+    else:
+        run_bounded(
+            "stale all-gather",
+            state.config.timeout_s,
+            local.device,
+            all_gather_flat,
+            buffer,
+            local.reshape(-1),
+            group,
+        )
     state.stale_bytes += local.numel() * local.element_size()
     return buffer.view(-1, *local.shape), work
 
@@ -251,7 +265,7 @@ def _stale_gather_raw(state, local, group, entry, fresh):
     """The other ranks' full-precision K/V: the previous step's, or this step's gathered now
     (exact) at warm-up and after a change of shape or dtype."""
     if entry is not None:
-        entry["work"].wait()
+        wait_stale(state, entry)
     if not fresh:
         return entry["buffer"]
     return _gather_full(state, local, group)[0]
@@ -300,5 +314,16 @@ def settle_stale(state: PipelineState) -> None:
             if not finish_compressed_all_gather(comp, work, buf):
                 comp.restart([(kv_site(layer), r) for r in range(world)])
         else:
-            work.wait()
+            wait_stale(state, entry)
     state.stale.clear()
+
+
+def wait_stale(state: PipelineState, entry: dict) -> None:
+    """Wait for a stale-mode gather started earlier (a ``PendingGather`` bounds itself; a
+    full-precision gather is bounded by ``timeout_s`` when its buffer is on the CPU)."""
+    work = entry.get("work")
+    if isinstance(work, PendingGather):
+        work.wait()
+    elif work is not None:
+        bound = host_timeout(state.config.timeout_s, entry["buffer"].device)
+        wait_work(work, "stale all-gather", bound)
