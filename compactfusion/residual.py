@@ -35,8 +35,8 @@ receiving rank; ``encode`` / ``decode`` append and verify it too (``decode`` wit
 Thread safety: a compressor belongs to one thread at a time. The first call that uses its state
 (``encode``, ``decode``, ``exchange_compressed``, ``send``, ``receive``, ``count_plain``,
 ``end_step``, ``restart``, ``reset``) claims it for the calling thread, which keeps it until it
-calls :meth:`ResidualCompressor.release` (or leaves a :meth:`ResidualCompressor.held` block,
-as a patched pipeline does at the end of each generation). A call from any other thread in the
+calls :meth:`ResidualCompressor.release`, leaves a :meth:`ResidualCompressor.held` block (as a
+patched pipeline does at the end of each generation) or exits. A call from any other thread in the
 meantime raises :class:`ConcurrentUseError` and changes nothing: two threads interleaving calls
 would let sender and receiver bases diverge silently. The check is one comparison per call
 (skipped while torch.compile traces; the compressed exchanges run inside custom ops, which it
@@ -200,7 +200,7 @@ class ResidualCompressor:
             never_compressed=self.never_compresses,
         )
         self._trailer = CHECKSUM_NBYTES if self.config.checksum else 0
-        self._owner: int | None = None  # threading.get_ident() of the holding thread
+        self._owner: threading.Thread | None = None  # the holding thread
         self._owner_lock = threading.Lock()  # taken only to claim a free compressor
 
     # --- thread ownership ---------------------------------------------------------------------
@@ -209,26 +209,28 @@ class ResidualCompressor:
         False if this thread already held it; :class:`ConcurrentUseError` if another does."""
         if torch.compiler.is_compiling():  # traced code runs later, in the caller's thread
             return False
-        me = threading.get_ident()
-        if self._owner == me:
+        me = threading.current_thread()
+        if self._owner is me:
             return False
         with self._owner_lock:
-            if self._owner is None:
+            owner = self._owner
+            if owner is None or not owner.is_alive():  # free, or its holder has exited
                 self._owner = me
                 return True
         raise ConcurrentUseError(
-            f"this ResidualCompressor is held by thread {self._owner}, and thread {me} tried "
-            "to use it: one compressor (one patched pipeline) must not be used from two "
-            "threads at once; interleaved calls would let sender and receiver bases diverge "
-            "silently. Serialize the calls (one generation at a time), give each thread its "
-            "own pipeline, or hand the compressor over with release()"
+            f"this ResidualCompressor is held by thread {owner.name!r}, and thread "
+            f"{me.name!r} tried to use it: one compressor (one patched pipeline) must not be "
+            "used from two threads at once; interleaved calls would let sender and receiver "
+            "bases diverge silently. Serialize the calls (one generation at a time), give each "
+            "thread its own pipeline, or hand the compressor over with release()"
         )
 
     def release(self) -> None:
         """Let another thread use the compressor next (the calling thread gives it up; a
         no-op when no thread holds it). Raises :class:`ConcurrentUseError` when another
-        thread holds it."""
-        if self._owner is not None and self._owner != threading.get_ident():
+        thread holds it. A compressor whose holder has exited is free again anyway."""
+        owner = self._owner
+        if owner is not None and owner is not threading.current_thread() and owner.is_alive():
             self._claim()  # raises, naming both threads
         self._owner = None
 
