@@ -8,11 +8,13 @@ and one copy to append the 16-byte trailer, on the receiver a pass over the payl
 16-byte comparison (no host read: the verdict joins the step's flags). Both pairs run
 alternately on the same drifting activations, so the machine's slow drift hits both alike.
 
-Rows (``checksum_cost.csv``): per codec, shape and payload kind (``compressed`` steady state,
-``raw`` warm-up), the payload bytes with and without the trailer, the median exchange time
-(20th-80th percentile) of each pair, the difference, and the time and GB/s of
-``payload_checksum`` alone on that payload; stamped with the CPU, threads, torch version and
-date.
+Times are the CPU time of the calling thread (``time.thread_time``; torch runs on that one
+thread, ``--threads 1``), which a shared, overloaded machine inflates far less than wall time;
+the wall-clock medians are in the CSV too. Rows (``checksum_cost.csv``): per codec, shape and
+payload kind (``compressed`` steady state, ``raw`` warm-up), the payload bytes with and
+without the trailer, the median exchange time (20th-80th percentile) of each pair, the
+difference, and the time and GB/s of ``payload_checksum`` alone on that payload; stamped with
+the CPU, threads, load average, torch version and date.
 
     python benchmarks/checksum_cost.py     # writes benchmarks/results/checksum_cost.csv
     python benchmarks/checksum_cost.py --reps 5 --out /tmp/bench   # quick smoke run
@@ -53,9 +55,12 @@ FIELDS = [
     "added_pct",
     "checksum_ms",
     "checksum_gbps",
+    "wall_ms_off",
+    "wall_ms_on",
     "reps",
     "device",
     "threads",
+    "load1_at_start",
     "torch",
     "python",
     "date",
@@ -75,9 +80,10 @@ class Pair:
     def __init__(self, cfg: CompactConfig):
         self.sender, self.receiver = ResidualCompressor(cfg), ResidualCompressor(cfg)
 
-    def exchange(self, x: torch.Tensor, compressed: bool | None = None) -> tuple[int, float]:
-        """One exchange (compressed as the state decides, or as forced); (bytes, seconds)."""
-        start = time.perf_counter()
+    def exchange(self, x: torch.Tensor, compressed: bool | None = None) -> tuple[int, float, float]:
+        """One exchange (compressed as the state decides, or as forced); (bytes, CPU
+        seconds of this thread, wall seconds)."""
+        start, wall = time.thread_time(), time.perf_counter()
         key, shape = ("kv", 0), tuple(x.shape)
         decided = self.sender.exchange_compressed("kv", [key], shape, x.dtype)
         self.receiver.exchange_compressed("kv", [key], shape, x.dtype)
@@ -87,7 +93,7 @@ class Pair:
         self.receiver.receive("kv", key, payload, out, compressed)
         self.sender.end_step()
         self.receiver.end_step()
-        return payload.numel(), time.perf_counter() - start
+        return payload.numel(), time.thread_time() - start, time.perf_counter() - wall
 
 
 def measure(codec: str, shape: tuple[int, ...], reps: int, dtype=torch.bfloat16) -> list[dict]:
@@ -98,21 +104,23 @@ def measure(codec: str, shape: tuple[int, ...], reps: int, dtype=torch.bfloat16)
     rows = []
     for kind in ("raw", "compressed"):
         times: dict[bool, list[float]] = {False: [], True: []}
+        walls: dict[bool, list[float]] = {False: [], True: []}
         nbytes: dict[bool, int] = {}
         for step in range(reps + 2):  # the first two: warm-up (raw) and first compressed
             x = (base + 0.02 * step * torch.randn(shape, generator=gen)).to(dtype)
             for on, pair in pairs.items():
                 forced = False if kind == "raw" else None
-                n, seconds = pair.exchange(x, forced)
+                n, seconds, wall = pair.exchange(x, forced)
                 if step >= 2:
                     times[on].append(seconds)
+                    walls[on].append(wall)
                     nbytes[on] = n
         payload = torch.randint(0, 256, (nbytes[False],), dtype=torch.uint8, generator=gen)
         ck = []
         for _ in range(reps):
-            start = time.perf_counter()
+            start = time.thread_time()
             payload_checksum(payload)
-            ck.append(time.perf_counter() - start)
+            ck.append(time.thread_time() - start)
         off, on, ck_ms = quantiles(times[False]), quantiles(times[True]), quantiles(ck)[0]
         rows.append(
             {
@@ -132,6 +140,8 @@ def measure(codec: str, shape: tuple[int, ...], reps: int, dtype=torch.bfloat16)
                 "added_pct": round(100 * (on[0] - off[0]) / off[0], 1),
                 "checksum_ms": round(ck_ms, 3),
                 "checksum_gbps": round(nbytes[False] / (ck_ms * 1e-3) / 1e9, 2),
+                "wall_ms_off": round(quantiles(walls[False])[0], 3),
+                "wall_ms_on": round(quantiles(walls[True])[0], 3),
                 "reps": reps,
             }
         )
@@ -148,6 +158,7 @@ def main() -> None:
     stamp = {
         "device": cpu_name(),
         "threads": args.threads,
+        "load1_at_start": round(os.getloadavg()[0], 1),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "date": datetime.date.today().isoformat(),

@@ -10,8 +10,8 @@ words ``v_i``, ``i = 0 .. n-1``::
 Both are exact (no overflow below 16 GB of payload). Any change of one word changes ``s1``;
 changes of two words that cancel in ``s1`` change ``s2`` unless the words are a multiple of
 ``P`` words (128 KiB) apart. Cost: one read of the payload (a column sum of an ``n/P x P``
-view) plus a few operations on ``P`` values, on each side; sending also copies the payload
-once to append the trailer (measured in ``benchmarks/checksum_cost.py``).
+view, 16 rows at a time) plus a few operations on ``P`` values, on each side; sending also
+copies the payload once to append the trailer (measured in ``benchmarks/checksum_cost.py``).
 
 The receiver's verdict is a 0-d bool tensor on the device: the compressed collectives OR it
 into the exchange's status flags, read once per step by ``ResidualCompressor.end_step``.
@@ -26,6 +26,7 @@ import torch
 CHECKSUM_NBYTES = 16  # two int64 sums; keeps payload sizes multiples of 16
 _P = 32749  # the period of the position weights (a prime below 2**15)
 _M = 2**31 - 1  # column sums are reduced modulo this prime before weighting
+_CHUNK_ROWS = 16  # rows of P words summed at once (2 MiB of int32)
 
 
 @functools.lru_cache(maxsize=16)
@@ -49,8 +50,9 @@ def payload_checksum(payload: torch.Tensor) -> torch.Tensor:
     n = v.numel()
     full = n - n % _P
     cols = torch.zeros(_P, dtype=torch.int64, device=v.device)
-    if full:
-        cols += v[:full].view(-1, _P).sum(0, dtype=torch.int64)
+    rows = v[:full].view(-1, _P)
+    for start in range(0, rows.shape[0], _CHUNK_ROWS):  # int64 temporaries stay in cache
+        cols += rows[start : start + _CHUNK_ROWS].sum(0, dtype=torch.int64)
     if full < n:
         cols[: n - full] += v[full:].to(torch.int64)
     s1 = cols.sum()

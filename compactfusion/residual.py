@@ -178,8 +178,8 @@ class ResidualCompressor:
     With ``error_feedback=False`` (an ablation) the sender keeps ``base <- x`` while receivers
     keep their reconstruction, so the two sides' bases drift apart by design.
 
-    Not thread-safe, and it says so: one thread holds it at a time (the first to use it, until
-    :meth:`release`); a call from another thread raises :class:`ConcurrentUseError`.
+    Not thread-safe, and misuse is detected: one thread holds it at a time (the first to use
+    it, until :meth:`release`); a call from another thread raises :class:`ConcurrentUseError`.
     """
 
     config: CompactConfig = field(default_factory=CompactConfig)
