@@ -11,7 +11,8 @@ What is patched (all undone by ``unpatch``):
 - ``diffusers.models.attention_dispatch``'s ``TemplatedRingAttention``,
   ``TemplatedUlyssesAttention`` and ``SeqAllToAllDim`` are replaced while any model is patched
   (reference counted) by subclasses that compress only the calls of a patched pipeline running
-  in the current context (:mod:`.diffusers_attention`).
+  in the current context, and during each of its generations by the pipeline's own subclasses
+  (one compiled graph per patched pipeline under torch.compile; :mod:`.diffusers_attention`).
 - Forward hooks on every attention module (the layer name, e.g. ``"transformer_blocks.0.attn"``,
   qualified by the guidance branch of ``cache_context("cond"/"uncond")``) and on each
   transformer (one call is one step).
@@ -177,6 +178,8 @@ def patch_diffusers(obj: Any, config: CompactConfig) -> DiffusersState:
     except Exception:
         tracking.remove_hooks(state)
         raise
+    classes = Swap.bound_classes(state)
+    state.bind = lambda: Swap.bound(classes)
     if not is_model:
         obj.__class__ = patched_call_class(type(obj))
     setattr(obj, STATE_ATTR, state)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,10 @@ class PipelineState:
     # Undo information (what the adapter changed).
     original_class: type | None = None
     hooks: list = field(default_factory=list)
+    # The adapter's context manager that installs this pipeline's own replacements of the
+    # framework's functions while one of its generations runs (compiled graphs specialise
+    # to them; see xdit's ``_Bound``); None when the adapter has none.
+    bind: Callable[[], AbstractContextManager] | None = None
     # Parallel layout, read once at patch time.
     ring_world: int = 1
     ulysses_world: int = 1
