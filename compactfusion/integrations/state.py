@@ -75,6 +75,11 @@ class PipelineState:
 
         self.handle = register(self.compressor)
 
+    def pipeline_states(self) -> list[PipelineState]:
+        """The states behind this patched object: itself (an xfuser runner model's state
+        lists its pipelines' states)."""
+        return [self]
+
     def retains_gathered(self, site: Hashable) -> bool:
         """Whether the gathered K/V buffer of ``site`` must persist to the next step: only
         when peers' bases live in it (full storage, site admitted). Refused, compact or
