@@ -173,7 +173,7 @@ def patch_diffusers(obj: Any, config: CompactConfig) -> DiffusersState:
                 _install_generation_guard(state, m)
             else:
                 setattr(m, _OWNER_ATTR, True)
-                state.hooks.append(_AttributeRemoval(m, _OWNER_ATTR))
+                state.hooks.append(tracking.AttributeRemoval(m, _OWNER_ATTR))
         Swap.acquire()
     except Exception:
         tracking.remove_hooks(state)
@@ -210,14 +210,3 @@ def _install_generation_guard(state: DiffusersState, model: torch.nn.Module) -> 
             )
 
     state.hooks.append(model.register_forward_pre_hook(guard))
-
-
-class _AttributeRemoval:
-    """A hook-like handle whose ``remove()`` deletes an attribute set by the adapter."""
-
-    def __init__(self, obj, name: str):
-        self.obj, self.name = obj, name
-
-    def remove(self) -> None:
-        if self.name in vars(self.obj):
-            delattr(self.obj, self.name)

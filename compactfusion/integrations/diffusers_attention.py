@@ -227,37 +227,34 @@ def _owner(bound: DiffusersState | None, parallel_config) -> DiffusersState | No
     return state if any(cp is c for c in state.cp_configs) else None
 
 
+def _attention_class(base: type, bound: DiffusersState | None, name: str, compress) -> type:
+    """A subclass of diffusers' templated attention ``base`` whose ``forward`` runs
+    ``compress(state, ctx, call)`` for the calls of a patched pipeline and ``base.forward``
+    for every other call."""
+
+    def forward(ctx, *args):
+        call = AttentionCall(*args)
+        state = _owner(bound, call.parallel_config)
+        if state is None:
+            return base.forward(ctx, *args)
+        return compress(state, ctx, call)
+
+    doc = f"diffusers' {base.__name__}; compressed while a patched pipeline runs."
+    return type(name, (base,), {"forward": staticmethod(forward), "__doc__": doc})
+
+
 def _ring_class(base: type, bound: DiffusersState | None = None) -> type:
-    class CompactRingAttention(base):
-        """diffusers' ring attention; compressed while a patched pipeline runs."""
+    def compress(state, ctx, call):
+        if call.return_lse:  # no diffusers model asks for it; the strategies return no LSE
+            _note(state, "ring_lse", "ring attention asked for its LSE: sent uncompressed")
+            return base.forward(ctx, *call)
+        return ring_attention(state, ctx, call)
 
-        @staticmethod
-        def forward(ctx, *args):
-            call = AttentionCall(*args)
-            state = _owner(bound, call.parallel_config)
-            if state is None:
-                return base.forward(ctx, *args)
-            if call.return_lse:  # no diffusers model asks for it; the strategies return no LSE
-                _note(state, "ring_lse", "ring attention asked for its LSE: sent uncompressed")
-                return base.forward(ctx, *args)
-            return ring_attention(state, ctx, call)
-
-    return CompactRingAttention
+    return _attention_class(base, bound, "CompactRingAttention", compress)
 
 
 def _ulysses_class(base: type, bound: DiffusersState | None = None) -> type:
-    class CompactUlyssesAttention(base):
-        """diffusers' Ulysses attention; compressed while a patched pipeline runs."""
-
-        @staticmethod
-        def forward(ctx, *args):
-            call = AttentionCall(*args)
-            state = _owner(bound, call.parallel_config)
-            if state is None:
-                return base.forward(ctx, *args)
-            return ulysses_attention(state, ctx, call)
-
-    return CompactUlyssesAttention
+    return _attention_class(base, bound, "CompactUlyssesAttention", ulysses_attention)
 
 
 def _seq_all_to_all_class(base: type, bound: DiffusersState | None = None) -> type:
