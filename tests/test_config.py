@@ -151,3 +151,24 @@ def test_site_policy_fingerprint_sees_code_and_captured_values():
         CompactConfig(site_policy=_policy_factory(1)).fingerprint()
         == CompactConfig(site_policy=_policy_factory(1)).fingerprint()
     )
+
+
+@pytest.mark.parametrize("old, new", [("sparse", "nm_sparse"), ("off", "raw")])
+def test_patch_accepts_deprecated_preset_names_with_a_warning(old, new):
+    import compactfusion as cf
+
+    # The name is resolved (and the warning raised at the caller) before the pipeline is
+    # looked at, so an object nothing can patch shows it without building a pipeline.
+    with pytest.warns(DeprecationWarning, match=f"use '{new}'") as w:
+        with pytest.raises(TypeError, match="cannot patch"):
+            cf.patch(object(), old)
+    assert [r.filename for r in w] == [__file__]
+    with pytest.warns(DeprecationWarning, match=f"use '{new}'") as w:
+        with pytest.raises(TypeError, match="cannot patch"):
+            with cf.patched(object(), old):
+                pass
+    assert [r.filename for r in w] == [__file__]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(TypeError, match="cannot patch"):
+            cf.patch(object(), new)
