@@ -815,7 +815,7 @@ def _compile_rank(rank: int, world: int, opts) -> dict:
     def attempt(label, pipe, config):
         """Eager generation, then compiled generations; the outcome as a dict (recorded after
         each phase, so that a stage timeout still shows how far it got)."""
-        record = {"config": config.to_dict() if config is not None else None, "ok": False}
+        record = {"config": config.as_dict() if config is not None else None, "ok": False}
         try:
             if config is not None:
                 cf.patch(pipe, config)

@@ -91,7 +91,7 @@ METHODS: tuple[Method, ...] = (
     Method("int1", "int1"),
     Method("fp8", "fp8"),
     Method("nm_sparse", "nm_sparse", codec_params={"n": 1, "m": 4}),
-    Method("lowrank", "lowrank", codec_params={"rank": 16}),
+    Method("lowrank", "lowrank", codec_params={"rank": 16, "factor_dtype": "bf16"}),
     Method("int2-ring", "int2", mode="ring"),
     Method("int2-stale", "int2", mode="stale"),
     Method("int1-stale", "int1", mode="stale"),

@@ -159,7 +159,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from compactfusion.codecs import get_codec  # noqa: E402
-from compactfusion.config import LINK_HINTS, PRESET_FOR_CODEC, PRESETS  # noqa: E402
+from compactfusion.config import LINK_HINTS  # noqa: E402
 from compactfusion.environment import cpu_name  # noqa: E402
 from compactfusion.memory import MODELS, estimate  # noqa: E402
 from compactfusion.policy import CODEC_GBPS, compression_times  # noqa: E402
@@ -500,7 +500,7 @@ def predict(
             )  # fmt: skip
         )
     # auto: the library's own decision for its link hint.
-    codec = _codec(AUTO_CODEC)
+    codec = get_codec(AUTO_CODEC)
     shape = w.kv_matrix_shape(n, AUTO_CODEC)
     t_raw, t_comp = compression_times(
         codec, shape, _dtype(w), link.policy_gbps(), device_type="cuda"
@@ -523,17 +523,12 @@ def predict(
     return preds
 
 
-def _codec(name: str):
-    params = PRESETS[PRESET_FOR_CODEC[name]].get("codec_params", {})
-    return get_codec(name, **params)
-
-
 def _dtype(w: Workload) -> torch.dtype:
     return {2: torch.bfloat16, 4: torch.float32}[w.itemsize]
 
 
 def _compressed(w, n, link, c, raw_step, timing, name) -> Prediction:
-    codec = _codec(name)
+    codec = get_codec(name)  # the codec's defaults: its preset
     numel = w.kv_numel(n)
     payload = codec.payload_nbytes(w.kv_matrix_shape(n, name), _dtype(w))
     t_enc, src = timing.seconds(name, "encode", numel, w.itemsize, payload)

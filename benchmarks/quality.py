@@ -88,7 +88,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from compactfusion.config import PRESET_FOR_CODEC  # noqa: E402
 from compactfusion.environment import cpu_name  # noqa: E402
 from compactfusion.testing import spawn_ranks  # noqa: E402
 
@@ -446,10 +445,10 @@ def _rank(rank: int, world: int, opts: dict):
     results = []
     for codec, variant in runs:
         if codec == "raw":
-            cfg = cf.CompactConfig.preset("off", mode=opts["mode"])
+            cfg = cf.CompactConfig.preset("raw", mode=opts["mode"])
         else:
             cfg = cf.CompactConfig.preset(
-                PRESET_FOR_CODEC[codec],
+                codec,
                 mode=opts["mode"],
                 warmup_steps=WARMUP_STEPS,
                 **VARIANTS[variant],

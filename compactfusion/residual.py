@@ -613,7 +613,7 @@ class ResidualCompressor:
         out = total.as_dict()
         del out["role"], out["shape"], out["dtype"]
         out["sent_payload_bytes"], out["sent_raw_bytes"] = self.sent_bytes()
-        out["codec"] = self.codec.describe()
+        out["codec"] = self.codec.as_dict()
         out.update(self.memory_stats())
         out["sites"] = sites
         return out

@@ -531,7 +531,7 @@ def _run(example, args, engine_config, config, dtype, path, weights_note, inputs
             "pipefusion_degree": parallel.pp_degree,
             "data_parallel_degree": parallel.dp_degree,
         },
-        "compactfusion": None if config is None else config.to_dict(),
+        "compactfusion": None if config is None else config.as_dict(),
         "load_seconds": load_seconds,
         "runs": runs,
         "files": files,

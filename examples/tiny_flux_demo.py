@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without install
 
 from compactfusion.testing import spawn_ranks  # noqa: E402
 
-RUNS = [("uncompressed", "off"), ("int2", "int2"), ("int1", "int1")]
+RUNS = [("uncompressed", "raw"), ("int2", "int2"), ("int1", "int1")]
 
 
 def _rank(rank: int, world: int, steps: int, size: int, head_dim: int):

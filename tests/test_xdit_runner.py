@@ -53,7 +53,7 @@ def _modes(pipe, kind, gen):
     from compactfusion import CompactConfig
 
     plain = gen(pipe)
-    with cf.patched(pipe, "off"):
+    with cf.patched(pipe, "raw"):
         raw = gen(pipe)
     with cf.patched(pipe, CompactConfig(codec="int2", min_numel=0)):
         lossy = gen(pipe)
@@ -79,7 +79,7 @@ def _pipeline_checks(rank, world):
     int2 = CompactConfig(codec="int2", min_numel=0)
     for name, guidance in (("cfg_off", 1.0), ("cfg_on", 5.0)):
         plain = runner_generate(pipe, "wan2.1", steps=4, guidance_scale=guidance)
-        with cf.patched(pipe, "off"):
+        with cf.patched(pipe, "raw"):
             raw = runner_generate(pipe, "wan2.1", steps=4, guidance_scale=guidance)
         with cf.patched(pipe, int2):
             lossy = runner_generate(pipe, "wan2.1", steps=4, guidance_scale=guidance)
@@ -88,7 +88,7 @@ def _pipeline_checks(rank, world):
     # Two generations in a row, the second at another resolution.
     gen = lambda size: runner_generate(pipe, "wan2.1", height=size, width=size)  # noqa: E731
     plain_32, plain_48 = gen(32), gen(48)
-    with cf.patched(pipe, "off"):
+    with cf.patched(pipe, "raw"):
         res["two_gens_raw"] = max(rel(gen(32), plain_32), rel(gen(48), plain_48))
     with cf.patched(pipe, int2):
         a, b = gen(32), gen(48)
@@ -128,7 +128,7 @@ def _pipeline_checks(rank, world):
         calls = sorted({site["calls"] for site in cf.stats(pipe)["sites"].values()})
         cf.unpatch(pipe)
         plain = runner_generate(pipe, "flux2", steps=steps)
-        with cf.patched(pipe, "off"):
+        with cf.patched(pipe, "raw"):
             raw = runner_generate(pipe, "flux2", steps=steps)
         res[f"fbcache {degrees}"] = dict(
             raw=rel(raw, plain),
@@ -252,7 +252,7 @@ def _runner_model_checks(rank, world, path):
     cf.unpatch(model)
     res["patched_after_unpatch"] = (cf.is_patched(model), cf.is_patched(pipe))
     plain = runner_generate(pipe, "wan2.2", steps=4)
-    with cf.patched(model, "off"):
+    with cf.patched(model, "raw"):
         raw = runner_generate(pipe, "wan2.2", steps=4)
     res["raw"], res["int2"] = rel(raw, plain), rel(lossy, plain)
     res["compiled_int2"] = rel(compiled_int2, plain)

@@ -43,6 +43,7 @@ import contextvars
 import functools
 import math
 import struct
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import Any, ClassVar
@@ -125,9 +126,31 @@ class Codec(ABC):
         """Four uint16 parameters stored in the header (checked again on decode)."""
         return (0, 0, 0, 0)
 
-    def describe(self) -> dict[str, Any]:
-        """Plain-dict description (name and parameters), used for config fingerprints."""
+    def as_dict(self) -> dict[str, Any]:
+        """Plain-dict form (name and parameters), used for config fingerprints and stats."""
         return {"name": self.name}
+
+    def describe(self) -> dict[str, Any]:
+        """Deprecated name of :meth:`as_dict` (removed in the next release)."""
+        warnings.warn(
+            f"{type(self).__name__}.describe() is deprecated, use as_dict()",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.as_dict()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # A codec written against the old name overrides ``describe``: use it as ``as_dict``
+        # (warning once, at class creation) instead of silently reporting no parameters.
+        if "describe" in cls.__dict__ and "as_dict" not in cls.__dict__:
+            warnings.warn(
+                f"{cls.__qualname__} overrides Codec.describe(), which is deprecated: rename "
+                "it to as_dict()",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            cls.as_dict = cls.__dict__["describe"]
 
     def new_state(self) -> Any:
         """Per-call-site codec state (``None`` for stateless codecs)."""

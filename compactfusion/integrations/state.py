@@ -112,7 +112,7 @@ class PipelineState:
         differently configured ranks fail together, never hang."""
         if self.checked:
             return
-        codec = self.compressor.codec.describe()
+        codec = self.compressor.codec.as_dict()
         backend = requested_backend(self.config.backend)  # raises for a bad environment value
         layout = f"ring={self.ring_world},ulysses={self.ulysses_world},backend={backend}"
         policy = ""
@@ -164,7 +164,7 @@ class PipelineState:
         after, raw_after = self._after_warmup()
         st.update(
             mode=self.config.mode,
-            config=self.config.to_dict(),
+            config=self.config.as_dict(),
             ring_world=self.ring_world,
             ulysses_world=self.ulysses_world,
             generations=self.generations,
