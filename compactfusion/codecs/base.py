@@ -491,8 +491,8 @@ def aligned_payload(payload: torch.Tensor) -> torch.Tensor:
     * a contiguous payload that starts at an address that is not a multiple of ``ALIGN``
       (e.g. a slice at an odd offset of a larger receive buffer) holds the right bytes in
       order: it is copied once into a fresh, aligned tensor, and decodes exactly as the
-      original. Payloads the compressed collectives receive are ``ALIGN``-sized slices of
-      aligned buffers and are never copied.
+      original. The compressed collectives never pay for it: their payloads are rows of
+      fresh receive buffers, and every payload size is a multiple of ``ALIGN``.
     """
     if not isinstance(payload, torch.Tensor):
         raise PayloadError(f"a payload must be a torch.uint8 tensor, got {type(payload).__name__}")
