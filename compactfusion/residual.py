@@ -50,6 +50,7 @@ from .codecs.base import (
     FLAG_NOT_FINITE,
     FLAG_OUT_OF_RANGE,
     FLAGS_OFFSET,
+    aligned_payload,
     check_fits,
     deferred_checks,
     header_mismatch,
@@ -305,16 +306,39 @@ class ResidualCompressor:
         K/V buffer) and ``out`` becomes the site's base, so the caller must leave it untouched
         until the next call of this site. ``header`` optionally holds a host copy of the
         payload's first bytes (see ``decode_header``).
+
+        The header is validated before anything is stored: a payload that is not a contiguous
+        1-D ``uint8`` tensor, of another codec, with other codec parameters or of the wrong
+        size raises :class:`PayloadError` (a misaligned one is copied first, see
+        ``codecs.base.aligned_payload``). ``out`` must have the payload's shape, dtype and
+        device (``ValueError``).
         """
-        codec_id, dtype, shape, _, hdr = decode_header(payload, header)
+        payload = aligned_payload(payload)
+        codec_id, dtype, shape, params, hdr = decode_header(payload, header)
+        codec = self._raw if codec_id == self._raw.codec_id else self.codec
+        if codec_id != codec.codec_id:
+            raise PayloadError(
+                f"site {key!r}: payload of codec id {codec_id} but this compressor uses "
+                f"{self.codec.name!r} (id {self.codec.codec_id}); configs differ across ranks"
+            )
+        if params != codec.header_params():
+            raise PayloadError(
+                f"site {key!r}: {codec.name} payload with header parameters {params}, but this "
+                f"compressor's are {codec.header_params()}; configs differ across ranks"
+            )
+        if payload.numel() != codec.payload_nbytes(shape, dtype):
+            raise PayloadError(
+                f"site {key!r}: {codec.name} payload for {shape} {dtype} must be "
+                f"{codec.payload_nbytes(shape, dtype)} bytes, got {payload.numel()}"
+            )
+        if out is not None:
+            _check_out(key, out, shape, dtype, payload.device)
         site = self._site_of(key, "recv")
-        if codec_id == self._raw.codec_id:
+        if codec is self._raw:
             nbytes = math.prod(shape) * dtype.itemsize
-            if payload.numel() != self._raw.payload_nbytes(shape, dtype):
-                raise PayloadError(f"site {key!r}: raw payload of the wrong size")
             value = payload[hdr : hdr + nbytes].view(dtype).reshape(shape).clone()
             if out is not None:
-                out.copy_(value.reshape(out.shape))
+                out.copy_(value)
                 value = out
             restarted = site.base is None or (
                 tuple(site.base.shape) != tuple(shape) or site.base.dtype != dtype
@@ -322,15 +346,11 @@ class ResidualCompressor:
             site.base = value  # kept as stored by the BaseStore; ``value`` is returned
             site.calls = 1 if restarted else site.calls + 1
             site.stats.raw_sends += 1
-        elif codec_id != self.codec.codec_id:
-            raise PayloadError(
-                f"site {key!r}: payload of codec id {codec_id} but this compressor uses "
-                f"{self.codec.name!r} (id {self.codec.codec_id}); configs differ across ranks"
-            )
         else:
             if site.base is None and self.config.residual:
                 raise PayloadError(f"site {key!r}: compressed payload arrived before any base")
-            value = self._decode_compressed(site, payload, shape, dtype, out)
+            # the header was validated above: no second read of it
+            value = self._decode_compressed(site, payload, shape, dtype, out, check_header=False)
             site.base = value
             site.calls += 1
         self._count(site, tuple(shape), dtype, payload.numel())
@@ -661,6 +681,25 @@ class ResidualCompressor:
         if tag not in self._warned:
             self._warned.add(tag)
             logger.warning("compactfusion: %s", message)
+
+
+def _check_out(
+    key: Hashable,
+    out: Any,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> None:
+    """``out`` of :meth:`ResidualCompressor.decode` must be a tensor of the payload's shape,
+    dtype and device: it becomes the site's base (``TypeError`` for a non-tensor,
+    ``ValueError`` otherwise, as the codecs' own ``out`` checks)."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"site {key!r}: out must be a torch.Tensor, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device:
+        raise ValueError(
+            f"site {key!r}: out must hold the payload's {tuple(shape)} {dtype} on {device} "
+            f"(it becomes the base), got {tuple(out.shape)} {out.dtype} on {out.device}"
+        )
 
 
 def _store_value(site: _Site, value: torch.Tensor) -> None:
