@@ -73,7 +73,6 @@ mean |base|; ``derived_prev``: of the previous decoded residual), fp8, and lowra
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -84,12 +83,11 @@ import warnings
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks._report import machine_stamp, psnr, read_csv, ssim, write_csv  # noqa: E402
 from compactfusion.config import PRESET_FOR_CODEC  # noqa: E402
-from compactfusion.environment import cpu_name  # noqa: E402
 from compactfusion.testing import spawn_ranks  # noqa: E402
 
 CODECS = ("int1", "int2", "fp8", "nm_sparse", "lowrank")
@@ -128,47 +126,8 @@ STEP_FIELDS = ["workload", "codec", "variant", "step", "kv_rel_err", "kv_rel_err
 
 
 # --------------------------------------------------------------------------------------------
-# Image metrics
+# Image metrics beyond PSNR/SSIM (benchmarks._report)
 # --------------------------------------------------------------------------------------------
-def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> float:
-    mse = float(((a.double() - b.double()) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(data_range**2 / mse)
-
-
-def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
-    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-(x**2) / (2 * sigma**2))
-    g = g / g.sum()
-    return g[:, None] * g[None, :]
-
-
-def ssim(
-    a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0, win: int = 11, sigma: float = 1.5
-) -> float:
-    """Mean SSIM of two image batches ``[..., C, H, W]`` (valid windows only, per channel).
-
-    Images smaller than the window use a window of their own (odd) size instead.
-    """
-    if a.shape != b.shape or a.dim() < 3:
-        raise ValueError(f"need two equal [..., C, H, W] tensors, got {a.shape} and {b.shape}")
-    c, h, w = a.shape[-3:]
-    x = a.reshape(-1, c, h, w).double()
-    y = b.reshape(-1, c, h, w).double()
-    win = min(win, h - (h + 1) % 2, w - (w + 1) % 2)
-    kernel = _gaussian_window(win, sigma).to(x)[None, None].expand(c, 1, win, win)
-
-    def blur(t):
-        return F.conv2d(t, kernel, groups=c)
-
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mx, my = blur(x), blur(y)
-    sxx = blur(x * x) - mx * mx
-    syy = blur(y * y) - my * my
-    sxy = blur(x * y) - mx * my
-    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
-    return float(s.mean())
-
-
 def _hub_checkpoint(filename: str) -> str | None:
     path = os.path.join(torch.hub.get_dir(), "checkpoints", filename)
     return path if os.path.exists(path) else None
@@ -481,18 +440,9 @@ def _rank(rank: int, world: int, opts: dict):
                 "vs_ref": reference is not None,
             }
         )
-    import importlib.metadata
-
-    if torch.cuda.is_available():
-        device = torch.cuda.get_device_name()
-    else:
-        device = f"{cpu_name()} ({os.cpu_count()} cores), {world} gloo ranks, no GPU"
-    meta = {
-        "workload": workload,
-        "device": device,
-        "torch": torch.__version__,
-        "xfuser": importlib.metadata.version("xfuser"),
-    }
+    cuda = torch.cuda.is_available()
+    machine = machine_stamp(cuda, "" if cuda else f"{world} gloo ranks, no GPU")
+    meta = {"workload": workload, **{k: machine[k] for k in ("device", "torch", "xfuser")}}
     return (meta, results) if rank == 0 else None
 
 
@@ -559,10 +509,7 @@ def write_results(out: str, tag: str, summary: tuple, steps: tuple) -> dict[str,
         "png": os.path.join(out, f"quality_{tag}.png"),
     }
     for path, (fields, rows) in ((paths["csv"], summary), (paths["steps_csv"], steps)):
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(path, fields, rows)
     return paths
 
 
@@ -639,8 +586,7 @@ def plot(steps_csv: str, png: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(steps_csv, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_csv(steps_csv)
     codecs = [c for c in dict.fromkeys(r["codec"] for r in rows) if c != "raw"]
     fields = [("kv_rel_err", "K/V rel. error vs exact (same run)")]
     if any(r["kv_rel_err_vs_ref"] != "n/a" for r in rows):
@@ -737,7 +683,8 @@ def run_trajectory_benchmark(args) -> dict[str, str]:
         "channel_scales_only": TrajectoryConfig.channel_scales_only(**size),
     }
     codecs = args.codecs.split(",") if args.codecs else ["int2", "int1", "fp8", "lowrank"]
-    device = f"{cpu_name()} ({os.cpu_count()} cores), no GPU"
+    machine = machine_stamp(cuda=False, detail="no GPU")
+    device = machine["device"]
     rows, step_rows = [], []
     start = time.perf_counter()
     for data, tcfg in datas.items():
@@ -763,7 +710,7 @@ def run_trajectory_benchmark(args) -> dict[str, str]:
                     "max_rel_err": _f(max(errors)),
                     "mean_rel_err": _f(statistics.fmean(errors[1:])),
                     "bytes_per_step": nbytes, "wire_ratio": _f(raw / nbytes, 4),
-                    "bases_identical": identical, "device": device, "torch": torch.__version__,
+                    "bases_identical": identical, "device": device, "torch": machine["torch"],
                 }
             )  # fmt: skip
             step_rows += [
@@ -818,8 +765,7 @@ def plot_trajectory(steps_csv: str, png: str, device: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(steps_csv, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_csv(steps_csv)
     datas = list(dict.fromkeys(r["data"] for r in rows))
     codecs = list(dict.fromkeys(r["codec"] for r in rows))
     fig, axes = plt.subplots(
