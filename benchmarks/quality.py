@@ -35,14 +35,13 @@ parallel run's image (values in [0, 1]; SSIM with an 11x11 Gaussian window, sigm
 ``C1 = 0.01^2``, ``C2 = 0.03^2``, mean over channels, as in Wang et al. 2004).
 ``wire_ratio``: raw K/V bytes / payload bytes after warm-up (``compactfusion.stats``).
 
-How the K/V are observed (no library file is changed): the patched pipeline's
-``ResidualCompressor`` (``pipe._compactfusion_state.compressor``) gets instance-level wrappers
-of ``encode`` and ``decode``. ``encode(key, x)`` receives the sender's exact local K/V; the
-wrapper all-gathers it raw on the default group (outside compactfusion's own traffic: every
-rank encodes the same site in the same order, and the ring group is the whole world here),
-and ``decode`` compares the reconstruction it returns with the peer's exact tensor. Errors are
-accumulated per step on the fly, so memory stays at one layer's K/V (the uncompressed run's
-K/V are stored only for the ``vs_ref`` metric, within the budget).
+How the K/V are observed: an observer on the patched pipeline's ``ResidualCompressor``
+(``ResidualCompressor.add_observer``) sees every sent K/V site's exact activation and every
+received one's reconstruction. It all-gathers each sent activation raw on the default group
+(outside compactfusion's own traffic: every rank sends the same site in the same order, and
+the ring group is the whole world here) and compares each reconstruction with the peer's
+exact tensor. Errors are accumulated per step on the fly, so memory stays at one layer's K/V
+(the uncompressed run's K/V are stored only for the ``vs_ref`` metric, within the budget).
 
 Default: a tiny random FLUX (2 double + 2 single blocks, 4 heads x 64, bf16, 64x64 px, 20
 steps) through xfuser's ``xFuserFluxPipeline`` with ``ring_degree=2`` on 2 gloo CPU ranks.
@@ -187,63 +186,38 @@ def _kv_layer(key) -> str | None:
 class KVProbe:
     """Per-step K/V error of one patched pipeline on one rank (see the module docstring).
 
-    Installs instance attributes ``encode``/``decode``/``send``/``receive``/``count_plain`` on
-    the pipeline's compressor that call the original methods; :meth:`close` deletes them (the
-    class methods show through again).
+    Registers an observer on the pipeline's compressor (``ResidualCompressor.add_observer``):
+    a sent K/V site's exact activation is all-gathered raw on the default group, and each
+    received one's reconstruction is compared with its sender's exact tensor. :meth:`close`
+    removes the observer.
     """
 
     def __init__(self, pipe, reference: dict | None = None, store_budget: int = 0):
         self.state = pipe._compactfusion_state
-        self.comp = self.state.compressor
         self.reference = reference  # (step, layer, src) -> K/V of the uncompressed run
         self.store_budget = store_budget  # bytes: store this run's exact K/V up to this much
         self.stored: dict | None = {} if store_budget > 0 else None
         self.stored_bytes = 0
         self.err: dict[int, list[float]] = {}  # step -> [err^2, norm^2, ref err^2, ref norm^2]
         self._exact: dict = {}
-        encode, decode = self.comp.encode, self.comp.decode
-        send, receive, count_plain = self.comp.send, self.comp.receive, self.comp.count_plain
-        world = dist.get_world_size()
+        self._world = dist.get_world_size()
+        self._handle = self.state.compressor.add_observer(self._observe)
 
-        def observe(key, x):
-            layer = _kv_layer(key)
-            if layer is not None:
-                gathered = [torch.empty_like(x) for _ in range(world)]
-                dist.all_gather(gathered, x.contiguous())
-                for src, t in enumerate(gathered):
-                    self._exact[(layer, src)] = t
-                self._store(layer, gathered)
-
-        def probe_encode(key, x, force_raw=False):
-            observe(key, x)
-            return encode(key, x, force_raw=force_raw)
-
-        def probe_decode(key, payload, out=None, header=None):
-            base = decode(key, payload, out=out, header=header)
-            if _kv_layer(key) is not None:
-                self._measure(_kv_layer(key), key[1], base)
-            return base
-
-        def probe_send(group, items, compressed):
-            for key, x in items:
-                observe(key, x)
-            return send(group, items, compressed)
-
-        def probe_receive(group, key, payload, out, compressed):
-            receive(group, key, payload, out, compressed)
-            if _kv_layer(key) is not None:
-                self._measure(_kv_layer(key), key[1], out)
-
-        def probe_count_plain(key, role, x):  # lossless codec: plain collectives
-            count_plain(key, role, x)
-            if role == "send":
-                observe(key, x)
-            elif _kv_layer(key) is not None:
-                self._measure(_kv_layer(key), key[1], x)
-
-        self.comp.encode, self.comp.decode = probe_encode, probe_decode
-        self.comp.send, self.comp.receive = probe_send, probe_receive
-        self.comp.count_plain = probe_count_plain
+    def _observe(self, transfer) -> None:
+        layer = _kv_layer(transfer.key)
+        if layer is None:
+            return
+        if transfer.role == "recv":
+            self._measure(layer, transfer.key[1], transfer.value)
+            return
+        # Every rank sends the same K/V sites in the same order (the ring group is the whole
+        # world here), so this raw all-gather, outside compactfusion's traffic, lines up.
+        x = transfer.value.contiguous()
+        gathered = [torch.empty_like(x) for _ in range(self._world)]
+        dist.all_gather(gathered, x)
+        for src, t in enumerate(gathered):
+            self._exact[(layer, src)] = t
+        self._store(layer, gathered)
 
     def _store(self, layer, gathered) -> None:
         if self.stored is None:
@@ -272,8 +246,7 @@ class KVProbe:
                 acc[3] += float((ref**2).sum())
 
     def close(self) -> None:
-        for name in ("encode", "decode", "send", "receive", "count_plain"):
-            self.comp.__dict__.pop(name, None)
+        self._handle.remove()
 
     def per_step(self) -> list[tuple[float, float]]:
         """``(kv_rel_err, kv_rel_err_vs_ref)`` per step, summed over all ranks (collective)."""
