@@ -27,6 +27,10 @@ Two ways to use it:
   reads every group's flags with one device-to-host copy, counts and logs the event, and
   restarts the affected groups with raw payloads on every rank.
 
+Observers (:meth:`ResidualCompressor.add_observer`) see each site's transfers as they happen:
+the sender's exact activation and each receiver's reconstruction (benchmarks measure fidelity
+with them; see ``benchmarks/quality.py``).
+
 Every base is assigned through a :class:`~compactfusion.memory.BaseStore`, which counts its
 bytes, applies ``max_base_bytes`` (a refused site keeps no base, so it is always sent raw) and
 stores it in ``base_storage`` format (see ``compactfusion.memory``). Blocks that can never be
@@ -38,11 +42,13 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Hashable
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from .backend import resolve_backend
 from .codecs import NonFiniteInput, PayloadError, decode_header, get_codec
@@ -98,6 +104,19 @@ class SiteStats:
         d = dict(self.__dict__)
         d["ratio"] = self.raw_bytes / self.payload_bytes if self.payload_bytes else math.nan
         return d
+
+
+@dataclass(frozen=True)
+class SiteTransfer:
+    """One transfer of one site, as an observer sees it (see
+    :meth:`ResidualCompressor.add_observer`)."""
+
+    key: Hashable  # the site key
+    role: str  # "send" (this rank sent it) or "recv" (this rank received it)
+    # send: the activation exactly as given to the compressor; recv: what this receiver
+    # reconstructed (the decoded tensor, or the plain tensor received). Not to be modified.
+    value: torch.Tensor
+    compressed: bool  # a compressed payload (False: raw payload or plain transfer)
 
 
 class _Site:
@@ -167,6 +186,8 @@ class ResidualCompressor:
         self._groups: dict[Hashable, _Group] = {}
         self._flags: dict[torch.device, torch.Tensor] = {}  # uint8 status per group slot
         self._slots: dict[torch.device, list[Hashable]] = {}
+        # OrderedDict: RemovableHandle holds it weakly (a plain dict cannot be).
+        self._observers: OrderedDict[int, Callable[[SiteTransfer], None]] = OrderedDict()
         self.store = BaseStore(
             self.config.max_base_bytes,
             self.config.base_storage,
@@ -179,6 +200,38 @@ class ResidualCompressor:
         The default treats every key as its own site of one block; collectives need
         ``memory.exchange_footprint``. Set it before the first call."""
         self.store.footprint = footprint
+
+    def add_observer(self, fn: Callable[[SiteTransfer], None]) -> RemovableHandle:
+        """Call ``fn(transfer)`` after every transfer of a site through this compressor: each
+        ``encode``/``send`` (``role="send"``, the exact activation) and each
+        ``decode``/``receive`` (``role="recv"``, the reconstruction), compressed or raw, and
+        each plain transfer counted by :meth:`count_plain`; see :class:`SiteTransfer`. It is
+        called after the site's base was updated, so :meth:`base` shows the new base. Returns
+        a handle whose ``remove()`` unregisters ``fn`` (also a context manager). Observers run
+        in registration order; an exception from one propagates to the caller.
+
+        Cost: none beyond one test of an empty dict per call while no observer is registered.
+
+        Under ``torch.compile`` observers are never traced. The compressed all-gather and
+        all-to-all run as ``torch.library`` custom ops whose bodies dynamo does not trace
+        into, so observers run eagerly inside them, without a graph break; the ``ring`` and
+        ``stale`` strategies, which dynamo does trace into, call observers through
+        ``torch.compiler.disable`` (one graph break per call, only while an observer is
+        registered). An observer may therefore read values to the host or run collectives of
+        its own (every rank calls its observers for the same sites in the same order); what
+        it does is its own cost, and it must not modify the tensors it is given.
+        """
+        if not callable(fn):
+            raise TypeError(f"observer must be callable, got {type(fn).__name__}")
+        handle = RemovableHandle(self._observers)
+        self._observers[handle.id] = fn
+        return handle
+
+    @torch.compiler.disable
+    def _notify(self, key: Hashable, role: str, value: torch.Tensor, compressed: bool) -> None:
+        transfer = SiteTransfer(key, role, value, compressed)
+        for fn in list(self._observers.values()):
+            fn(transfer)
 
     # --- decisions --------------------------------------------------------------------------
     def will_compress(self, key: Hashable, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
@@ -244,6 +297,7 @@ class ResidualCompressor:
             self._warn_once(
                 "nonfinite", f"non-finite (or out-of-range) residual at site {key!r}: sent raw"
             )
+        compressed = payload is not None
         if payload is None:
             payload = self._raw.encode(x)
             site.keep_copy(x.detach())
@@ -254,6 +308,8 @@ class ResidualCompressor:
             site.base = new_base
             site.calls += 1
         self._count(site, tuple(x.shape), x.dtype, payload.numel())
+        if self._observers:
+            self._notify(key, "send", x, compressed)
         return payload
 
     def _encode_compressed(self, site: _Site, x: torch.Tensor):
@@ -354,6 +410,8 @@ class ResidualCompressor:
             site.base = value
             site.calls += 1
         self._count(site, tuple(shape), dtype, payload.numel())
+        if self._observers:
+            self._notify(key, "recv", value, codec_id != self._raw.codec_id)
         return value
 
     def _decode_compressed(self, site, payload, shape, dtype, out, check_header=True):
@@ -439,6 +497,9 @@ class ResidualCompressor:
                 _keep_unless(site, failed, new_base.reshape(site.base.shape))
         own = (status & NOT_FINITE) * (OWN_NOT_FINITE // NOT_FINITE)
         self._record(group, status | own)
+        if self._observers:
+            for key, x in items:
+                self._notify(key, "send", x, compressed)
         return payloads
 
     def receive(
@@ -482,6 +543,8 @@ class ResidualCompressor:
             site.stats.raw_sends += 1
         self._record(group, flags | mismatch.to(torch.uint8) * HEADER_MISMATCH)
         self._count(site, shape, dtype, payload.numel())
+        if self._observers:
+            self._notify(key, "recv", out, compressed)
 
     def count_plain(self, key: Hashable, role: str, x: torch.Tensor) -> None:
         """Count a plain (uncompressed, headerless) transfer at site ``key`` in the statistics:
@@ -491,6 +554,8 @@ class ResidualCompressor:
         site = self._site_of(key, role)
         site.stats.raw_sends += 1
         self._count(site, tuple(x.shape), x.dtype, x.numel() * x.element_size())
+        if self._observers:
+            self._notify(key, role, x, False)
 
     def end_step(self) -> bool:
         """Apply the status flags of this step's exchanges: one device-to-host read per device
