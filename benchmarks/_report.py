@@ -8,7 +8,8 @@
   used CUDA, else the CPU model and core count), the CPU, the versions of torch, triton,
   xfuser and diffusers, Python's, and the date. Each benchmark copies the fields its CSV has
   columns for.
-* :func:`psnr` and :func:`ssim`: the decoded output of a run against a reference run.
+* :func:`ssim` (and :func:`compactfusion.metrics.psnr`, re-exported): the decoded output of a
+  run against a reference run.
 
 The scripts import this as ``benchmarks._report`` with the repository root on ``sys.path``
 (each script puts it there, so they run from a checkout without installing anything).
@@ -19,7 +20,6 @@ from __future__ import annotations
 import csv
 import datetime
 import importlib.metadata
-import math
 import os
 import platform
 from collections.abc import Iterable, Mapping
@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from compactfusion.metrics import psnr  # noqa: F401  (re-exported for the benchmarks)
 
 VERSIONED = ("torch", "triton", "xfuser", "diffusers")  # packages every stamp names
 NOT_INSTALLED = "n/a"
@@ -104,13 +106,6 @@ def machine_stamp(cuda: bool | None = None, detail: str = "") -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # Image metrics
 # --------------------------------------------------------------------------------------------
-def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> float:
-    """Peak signal-to-noise ratio in dB of ``a`` against ``b`` (inf when equal), for values
-    spanning ``data_range``; computed in float64."""
-    mse = float(((a.double() - b.double()) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(data_range**2 / mse)
-
-
 def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
     x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     g = torch.exp(-(x**2) / (2 * sigma**2))

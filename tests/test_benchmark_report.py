@@ -74,12 +74,14 @@ def test_ssim_and_psnr_on_hand_computed_cases():
 
 
 def test_no_benchmark_keeps_its_own_copy():
-    """CSV writing, CPU description and PSNR/SSIM live in ``_report`` only."""
+    """CSV writing, CPU description and PSNR/SSIM live in ``_report`` (and the library's
+    ``environment.cpu_name`` / ``metrics.psnr``) only: no benchmark or example has a copy."""
     copies = re.compile(r"csv\.DictWriter|csv\.writer\(|/proc/cpuinfo|def (psnr|ssim|cpu_\w+)\(")
-    folder = os.path.join(ROOT, "benchmarks")
     found = []
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".py") and name != "_report.py":
-            with open(os.path.join(folder, name)) as f:
-                found += [f"{name}: {m.group(0)}" for m in copies.finditer(f.read())]
+    for sub in ("benchmarks", "examples"):
+        folder = os.path.join(ROOT, sub)
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".py") and name != "_report.py":
+                with open(os.path.join(folder, name)) as f:
+                    found += [f"{sub}/{name}: {m.group(0)}" for m in copies.finditer(f.read())]
     assert found == []
