@@ -23,7 +23,6 @@ error, growth = mean of the last 5 steps / mean of steps 2-6, base bytes per ran
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib.util
 import math
 import os
@@ -35,9 +34,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks._report import machine_stamp, write_csv  # noqa: E402
 from compactfusion import CompactConfig, ResidualCompressor  # noqa: E402
 from compactfusion.config import BASE_STORAGES  # noqa: E402
-from compactfusion.environment import cpu_name  # noqa: E402
 from compactfusion.memory import storage_nbytes  # noqa: E402
 
 CODECS = ("int2", "int1")
@@ -160,8 +159,9 @@ def main(argv=None) -> dict[str, str]:
         codecs = ("int2",)
     if min(args.synthetic_steps, args.steps) < 8:
         raise SystemExit("--steps and --synthetic-steps must be at least 8 (growth uses 2-6)")
-    device = f"{cpu_name()} ({os.cpu_count()} cores), no GPU"
-    stamp = {"device": device, "torch": torch.__version__}
+    machine = machine_stamp(cuda=False, detail="no GPU")
+    device = machine["device"]
+    stamp = {"device": device, "torch": machine["torch"]}
     rows, summary = [], []
     for codec in codecs:
         for storage in BASE_STORAGES:
@@ -198,10 +198,7 @@ def main(argv=None) -> dict[str, str]:
         "csv": os.path.join(args.out, "base_storage.csv"),
         "md": os.path.join(args.out, "base_storage.md"),
     }
-    with open(paths["csv"], "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(paths["csv"], FIELDS, rows)
     lines = [
         "## Compact base storage: fidelity and memory (measured)\n",
         f"Measured by `benchmarks/base_storage.py` on {device}, torch {torch.__version__}"

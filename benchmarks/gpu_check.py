@@ -42,10 +42,7 @@ from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
-import csv
 import hashlib
-import importlib.metadata
 import json
 import os
 import platform
@@ -57,6 +54,12 @@ import warnings
 from collections import Counter
 
 import torch
+
+# Appended, not prepended: benchmarks._report comes from the checkout, compactfusion from where
+# it is installed (a wheel under test, whose compactfusion.kernels the checkout lacks).
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks._report import read_csv, version  # noqa: E402
 
 CODECS = ["int2", "int1", "fp8", "nm_sparse", "lowrank"]
 TOLERANCE_CODECS = {"lowrank"}  # not bit-exact by design (kernels/lowrank.py)
@@ -292,10 +295,7 @@ def cmd_env(args) -> int:
         "COMPACTFUSION_BACKEND": os.environ.get("COMPACTFUSION_BACKEND"),
     }
     for dist_name in ("triton", "xfuser", "yunchang", "distvae", "diffusers", "compactfusion"):
-        try:
-            info[dist_name] = importlib.metadata.version(dist_name)
-        except importlib.metadata.PackageNotFoundError:
-            info[dist_name] = None
+        info[dist_name] = version(dist_name, missing=None)
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         info["device"] = {
@@ -815,7 +815,7 @@ def _compile_rank(rank: int, world: int, opts) -> dict:
     def attempt(label, pipe, config):
         """Eager generation, then compiled generations; the outcome as a dict (recorded after
         each phase, so that a stage timeout still shows how far it got)."""
-        record = {"config": config.to_dict() if config is not None else None, "ok": False}
+        record = {"config": config.as_dict() if config is not None else None, "ok": False}
         try:
             if config is not None:
                 cf.patch(pipe, config)
@@ -910,8 +910,7 @@ def kernel_targets(csv_path: str, min_bytes: int = 8 << 20) -> list[dict]:
     """Issue 15's targets per (codec, size, op) for bf16 inputs of at least ``min_bytes``:
     int1/int2 need >= 80% of the measured copy bandwidth and >= 3x eager torch; the other
     codecs are reported without a target."""
-    with open(csv_path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["impl"] == "triton" and r["dtype"] == "bf16"]
+    rows = [r for r in read_csv(csv_path) if r["impl"] == "triton" and r["dtype"] == "bf16"]
     out = []
     for r in rows:
         nbytes = int(r["rows"]) * int(r["cols"]) * 2
@@ -997,9 +996,7 @@ def cmd_summary(args) -> int:
         with open(args.env) as f:
             env = json.load(f)
     else:  # no env stage in this run: this interpreter's versions
-        env["torch"] = torch.__version__
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            env["triton"] = importlib.metadata.version("triton")
+        env["torch"], env["triton"] = version("torch"), version("triton", missing=None)
         if torch.cuda.is_available():
             env["device"] = {"name": torch.cuda.get_device_name(0)}
     device = (env.get("device") or {}).get("name") or platform.machine() + " (no CUDA)"

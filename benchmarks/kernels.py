@@ -28,11 +28,16 @@ at the largest size): the figure to put in ``COMPACTFUSION_CODEC_GBPS`` for a CP
 from __future__ import annotations
 
 import argparse
-import csv
 import os
-import platform
 import statistics
+import sys
 import time
+
+# Appended, not prepended: benchmarks._report comes from the checkout, compactfusion from where
+# it is installed (gpu_check.sh may test a wheel, whose compactfusion.kernels the checkout lacks).
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks._report import device_name, read_csv, version, write_csv  # noqa: E402
 
 SIZES_CUDA = {
     "small 256x3072": (256, 3072),
@@ -166,13 +171,11 @@ def run(args) -> str:
     sizes = _sizes(args, SIZES_CUDA if args.device == "cuda" else SIZES_CPU)
     reps = args.reps or (100 if args.device == "cuda" else 3)
     bench = _timer(args.device, reps)
-    if args.device == "cuda":
-        device_name = torch.cuda.get_device_name()
-    else:
-        device_name = f"cpu ({platform.machine()}, Triton interpreter)"
-    stamp = {"device": device_name, "torch": torch.__version__, "triton": triton.__version__}
+    cuda = args.device == "cuda"
+    device = device_name(cuda, "" if cuda else "Triton interpreter")
+    stamp = {"device": device, "torch": version("torch"), "triton": triton.__version__}
     copy_gbps = _copy_gbps(torch, args.device, bench)
-    print(f"{device_name}: copy bandwidth {copy_gbps:.1f} GB/s")
+    print(f"{device}: copy bandwidth {copy_gbps:.1f} GB/s")
     if args.device == "cpu":
         print("smoke run: interpreter timings say nothing about GPU speed")
 
@@ -239,12 +242,7 @@ def _row(codec, size, rows, cols, dtype, op, impl, quantiles, min_bytes, copy_gb
 
 
 def _write_csv(rows: list[dict], out_dir: str, name: str) -> str:
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, name)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        w.writerows(rows)
+    path = write_csv(os.path.join(out_dir, name), FIELDS, rows)
     print(f"wrote {path}")
     return path
 
@@ -254,7 +252,6 @@ def run_torch_only(args) -> str:
     import torch
 
     from compactfusion.codecs import get_codec
-    from compactfusion.environment import cpu_name
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: use --device cpu")
@@ -263,13 +260,11 @@ def run_torch_only(args) -> str:
     dtype = getattr(torch, DTYPES[args.dtype])
     reps = args.reps or (50 if args.device == "cuda" else 10)
     bench = _timer(args.device, reps)
-    if args.device == "cuda":
-        device_name = torch.cuda.get_device_name()
-    else:
-        device_name = f"cpu {cpu_name()}, {torch.get_num_threads()} thread(s)"
-    stamp = {"device": device_name, "torch": torch.__version__, "triton": ""}
+    cuda = args.device == "cuda"
+    device = device_name(cuda, "" if cuda else f"{torch.get_num_threads()} thread(s)")
+    stamp = {"device": device, "torch": version("torch"), "triton": ""}
     copy_gbps = _copy_gbps(torch, args.device, bench)
-    print(f"{device_name}: copy bandwidth {copy_gbps:.1f} GB/s")
+    print(f"{device}: copy bandwidth {copy_gbps:.1f} GB/s")
     rows_out, policy = [], {}  # codec -> (numel, label, GB/s) of its largest size
     for name in args.codecs:
         codec = get_codec(name)
@@ -316,8 +311,7 @@ def plot(csv_path: str, png_path: str) -> None:
     except ImportError:
         print("matplotlib is not installed: no plot")
         return
-    with open(csv_path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["impl"] == "triton"]
+    rows = [r for r in read_csv(csv_path) if r["impl"] == "triton"]
     if not rows:
         return
     sizes = list(dict.fromkeys(r["size"] for r in rows))

@@ -2,12 +2,12 @@
 
 Two ranks run xfuser's FLUX pipeline (a FLUX-shaped random transformer built from a config:
 heads x 128 channels, a double-stream block and a few single-stream blocks, bf16) in two
-network namespaces joined by a veth pair. Each end of the pair has a token-bucket filter
-(``tc qdisc ... tbf rate R burst B latency 50ms``; netem is not needed), and gloo is told to
-use that interface (``GLOO_SOCKET_IFNAME``), so every byte the ranks exchange crosses a link of
-rate R in each direction. Only the two addresses inside the namespaces are used. TCP inside
-the namespaces uses reno (``--tcp-cc``; see ``DEFAULT_TCP_CC``), and the packets tbf dropped
-are counted per rate.
+network namespaces joined by a veth pair (``benchmarks/netns.py``). Each end of the pair has a
+token-bucket filter (``tc qdisc ... tbf rate R burst B latency 50ms``; netem is not needed),
+and gloo is told to use that interface (``GLOO_SOCKET_IFNAME``), so every byte the ranks
+exchange crosses a link of rate R in each direction. Only the two addresses inside the
+namespaces are used. TCP inside the namespaces uses reno (``--tcp-cc``; see
+``DEFAULT_TCP_CC``), and the packets tbf dropped are counted per rate.
 
 For each link rate the same two rank processes run every method in turn (see ``METHODS``):
 uncompressed patch parallel (``raw`` all-gather), uncompressed ring relay, ``stale``
@@ -44,12 +44,10 @@ Needs root (``ip netns``, ``tc``) except in ``--smoke`` mode, which falls back t
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import math
 import os
-import platform
 import re
 import shutil
 import signal
@@ -65,6 +63,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # run from a checkout without installing
+
+from benchmarks._report import machine_stamp, read_csv, write_csv  # noqa: E402
+from benchmarks.netns import TBF_LATENCY_MS, NamespaceLink, netns_available  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
 # What is measured
@@ -91,7 +92,7 @@ METHODS: tuple[Method, ...] = (
     Method("int1", "int1"),
     Method("fp8", "fp8"),
     Method("nm_sparse", "nm_sparse", codec_params={"n": 1, "m": 4}),
-    Method("lowrank", "lowrank", codec_params={"rank": 16}),
+    Method("lowrank", "lowrank", codec_params={"rank": 16, "factor_dtype": "bf16"}),
     Method("int2-ring", "int2", mode="ring"),
     Method("int2-stale", "int2", mode="stale"),
     Method("int1-stale", "int1", mode="stale"),
@@ -132,10 +133,7 @@ SMOKE_SIZES = Sizes(
 )
 
 WORLD = 2
-NS_PREFIX = "cflink"
-SUBNET = "10.231.77"  # only ever used inside the namespaces this script creates
 PORT = 29517
-TBF_LATENCY_MS = 50
 # Loss-based congestion control inside the namespaces. The development machine's default is bbr,
 # which against tbf's 50 ms queue dropped ~20% of the packets at 25 Mbit/s (and ran ~6% slower);
 # cubic, Linux's usual default, cannot be selected in a namespace there. With reno tbf dropped
@@ -147,7 +145,7 @@ DEFAULT_RATES = (25.0, 100.0, 1000.0, 10000.0, math.inf)
 
 
 # --------------------------------------------------------------------------------------------
-# Link rates and the namespaces
+# Link rates
 # --------------------------------------------------------------------------------------------
 _RATE_RE = re.compile(r"^(\d+(?:\.\d+)?)(kbit|mbit|gbit)$")
 _UNIT_MBIT = {"kbit": 1e-3, "mbit": 1.0, "gbit": 1e3}
@@ -172,146 +170,6 @@ def rate_name(mbit: float) -> str:
     if mbit >= 1000 and mbit % 1000 == 0:
         return f"{mbit / 1000:g}gbit"
     return f"{mbit:g}mbit"
-
-
-def tbf_burst_bytes(mbit: float) -> int:
-    """4 ms of traffic at the rate, at least 64 KiB: large enough for a GSO segment and for the
-    qdisc watchdog not to throttle below the rate, small against one layer's message."""
-    return max(64 * 1024, int(mbit * 1e6 / 8 * 0.004))
-
-
-def _run(cmd: list[str], check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=30)
-
-
-def netns_available() -> tuple[bool, str]:
-    """Whether this process can create namespaces and rate-limit a veth pair."""
-    if os.geteuid() != 0:
-        return False, "not running as root"
-    for tool in ("ip", "tc"):
-        if shutil.which(tool) is None:
-            return False, f"`{tool}` not found"
-    try:
-        _run(["ip", "netns", "list"])
-    except (subprocess.SubprocessError, OSError) as exc:
-        return False, f"`ip netns` unavailable: {exc}"
-    return True, ""
-
-
-class Link:
-    """Two namespaces ``<prefix><pid>a`` / ``b`` joined by a veth pair, one rank in each.
-
-    Use as a context manager: the namespaces (and with them the veth pair) are deleted on exit,
-    whatever happened inside.
-    """
-
-    def __init__(self, prefix: str = NS_PREFIX, tcp_cc: str | None = None):
-        tag = f"{prefix}{os.getpid()}"
-        self.ns = (f"{tag}a", f"{tag}b")
-        self.dev = self.ns  # interface names (<= 15 chars) equal to the namespace names
-        self.addr = (f"{SUBNET}.1", f"{SUBNET}.2")
-        self.burst: int | None = None
-        self.tcp_cc_wanted = tcp_cc  # TCP congestion control in the namespaces (None: inherit)
-        self.tcp_cc: str | None = None  # the one in use
-
-    @staticmethod
-    def remove_stale(prefix: str = NS_PREFIX) -> list[str]:
-        """Delete namespaces (and stray veths) named ``<prefix><pid>[ab]`` whose pid is gone."""
-        removed = []
-        pattern = re.compile(rf"^{re.escape(prefix)}(\d+)[ab]\b")
-        listings = (
-            _run(["ip", "netns", "list"], check=False).stdout.splitlines(),
-            [
-                line.split(":")[1].strip().split("@")[0]
-                for line in _run(["ip", "-o", "link", "show"], check=False).stdout.splitlines()
-                if line.count(":") >= 2
-            ],
-        )
-        for kind, names in zip(("netns", "link"), listings, strict=True):
-            for line in names:
-                m = pattern.match(line.strip())
-                if not m or _pid_alive(int(m.group(1))):
-                    continue
-                name = line.split()[0]
-                cmd = ["ip", "netns", "del", name] if kind == "netns" else ["ip", "link", "del"]
-                if kind == "link":
-                    cmd.append(name)
-                if _run(cmd, check=False).returncode == 0:
-                    removed.append(name)
-        return removed
-
-    def __enter__(self) -> Link:
-        try:
-            for ns in self.ns:
-                _run(["ip", "netns", "add", ns])
-            _run(["ip", "link", "add", self.dev[0], "type", "veth", "peer", "name", self.dev[1]])
-            for ns, dev, addr in zip(self.ns, self.dev, self.addr, strict=True):
-                _run(["ip", "link", "set", dev, "netns", ns])
-                _run(["ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev])
-                _run(["ip", "-n", ns, "link", "set", "lo", "up"])
-                _run(["ip", "-n", ns, "link", "set", dev, "up"])
-                self._set_tcp_cc(ns)
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def _set_tcp_cc(self, ns: str) -> None:
-        """Choose the namespace's TCP congestion control (a per-namespace sysctl: the host's
-        setting is untouched); on refusal keep the inherited one, and record what is used."""
-        key = "net.ipv4.tcp_congestion_control"
-        if self.tcp_cc_wanted:
-            setting = f"{key}={self.tcp_cc_wanted}"
-            done = _run(["ip", "netns", "exec", ns, "sysctl", "-qw", setting], check=False)
-            if done.returncode != 0:
-                print(
-                    f"[link] could not set {setting} in {ns} ({done.stderr.strip()}); "
-                    "keeping the inherited one"
-                )
-        self.tcp_cc = _run(["ip", "netns", "exec", ns, "sysctl", "-n", key]).stdout.strip()
-
-    def set_rate(self, mbit: float) -> None:
-        """Rate-limit both directions (egress of each end) to ``mbit``; inf removes the limit."""
-        for ns, dev in zip(self.ns, self.dev, strict=True):
-            _run(["tc", "-n", ns, "qdisc", "del", "dev", dev, "root"], check=False)
-            if not math.isinf(mbit):
-                self.burst = tbf_burst_bytes(mbit)
-                _run([
-                    "tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf",
-                    "rate", f"{mbit * 1000:.0f}kbit", "burst", str(self.burst),
-                    "latency", f"{TBF_LATENCY_MS}ms",
-                ])  # fmt: skip
-        if math.isinf(mbit):
-            self.burst = None
-
-    def dropped_packets(self) -> int | None:
-        """Packets the two tbf qdiscs dropped since ``set_rate`` (queue over ``latency``)."""
-        total = 0
-        for ns, dev in zip(self.ns, self.dev, strict=True):
-            out = _run(["tc", "-s", "-n", ns, "qdisc", "show", "dev", dev], check=False).stdout
-            m = re.search(r"qdisc tbf .*?dropped (\d+)", out, re.S)
-            if m is None:
-                return None
-            total += int(m.group(1))
-        return total
-
-    def close(self) -> None:
-        for ns in self.ns:
-            _run(["ip", "netns", "del", ns], check=False)
-        _run(["ip", "link", "del", self.dev[0]], check=False)  # if it never moved
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -453,7 +311,7 @@ def worker(spec_path: str) -> None:
 
 
 def run_rate(
-    link: Link | None,
+    link: NamespaceLink | None,
     mbit: float,
     args: argparse.Namespace,
     sizes: Sizes,
@@ -498,7 +356,7 @@ def run_rate(
             )
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", spec_path]
             if link is not None:
-                cmd = ["ip", "netns", "exec", link.ns[rank], *cmd]
+                cmd = link.exec_argv(rank, cmd)
             log = open(os.path.join(workdir, f"rank{rank}.log"), "w")
             logs.append(log)
             procs.append(
@@ -543,7 +401,7 @@ def run_rate(
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _probe_bytes(smoke: bool, link: Link | None) -> int:
+def _probe_bytes(smoke: bool, link: NamespaceLink | None) -> int:
     """Size of the link probe: 4 MiB, and at least 4 bursts so that tbf's bucket (full at the
     start) does not inflate the measured rate; 64 KiB in smoke mode."""
     if smoke:
@@ -608,42 +466,11 @@ def _quantile(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def cpu_model() -> str:
-    name, fam, model = platform.processor() or "unknown", "", ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, val = line.partition(":")
-                key, val = key.strip(), val.strip()
-                if key == "model name" and name in ("unknown", "", platform.machine()):
-                    name = val
-                elif key == "cpu family" and not fam:
-                    fam = val
-                elif key == "model" and not model:
-                    model = val
-    except OSError:
-        pass
-    return f"{name} (family {fam} model {model})" if fam else name
-
-
 def environment() -> dict[str, Any]:
-    import importlib.metadata
-
-    import torch
-
-    try:
-        xf = importlib.metadata.version("xfuser")
-    except importlib.metadata.PackageNotFoundError:
-        xf = "missing"
-    return {
-        "cpu": cpu_model(),
-        "cpu_cores": os.cpu_count(),
-        "load1_at_start": round(os.getloadavg()[0], 2),
-        "torch": torch.__version__,
-        "xfuser": xf,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-    }
+    """The machine stamp of the CSV rows (``benchmarks._report.machine_stamp``) and the load."""
+    stamp = machine_stamp(cuda=False)
+    env = {k: stamp[k] for k in ("cpu", "cpu_cores", "torch", "xfuser", "python", "date")}
+    return {**env, "load1_at_start": round(os.getloadavg()[0], 2)}
 
 
 def make_rows(
@@ -723,13 +550,6 @@ def make_rows(
     return rows
 
 
-def write_csv(rows: list[dict[str, Any]], path: str) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     rates = list(dict.fromkeys(r["rate"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -755,8 +575,7 @@ def plot(csv_path: str, png_path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(csv_path) as f:
-        rows = list(csv.DictReader(f))
+    rows = read_csv(csv_path)
     finite = [float(r["rate_mbit"]) for r in rows if r["rate_mbit"]]
     unlimited_x = (max(finite) if finite else 1000.0) * 10
     fig, ax = plt.subplots(figsize=(9, 5.5))
@@ -970,10 +789,11 @@ def main(argv: list[str] | None = None) -> int:
     link = None
     try:
         if use_netns:
-            stale = Link.remove_stale()
+            stale = NamespaceLink.remove_stale()
             if stale:
                 print(f"[link] removed stale namespaces/links from a crashed run: {stale}")
-            link = Link(tcp_cc=None if args.tcp_cc == "inherit" else args.tcp_cc).__enter__()
+            link = NamespaceLink(tcp_cc=None if args.tcp_cc == "inherit" else args.tcp_cc)
+            link.__enter__()
         for mbit in rates:
             t0, load1 = time.monotonic(), os.getloadavg()[0]
             ranks = run_rate(link, mbit, args, sizes, methods)
@@ -991,7 +811,7 @@ def main(argv: list[str] | None = None) -> int:
     per_rate.sort(key=lambda entry: entry[0])  # table and CSV by rate, whatever the run order
     rows = make_rows(per_rate, sizes, methods, args, env)
     csv_path = os.path.join(args.out, "link.csv")
-    write_csv(rows, csv_path)
+    write_csv(csv_path, COLUMNS, rows)
     plot(csv_path, os.path.join(args.out, "link.png"))
     table = markdown_table(rows)
     with open(os.path.join(args.out, "link.md"), "w") as f:

@@ -145,7 +145,6 @@ tiny models.
 from __future__ import annotations
 
 import argparse
-import csv
 import glob
 import math
 import os
@@ -158,9 +157,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks._report import device_name, read_csv, version, write_csv  # noqa: E402
 from compactfusion.codecs import get_codec  # noqa: E402
-from compactfusion.config import LINK_HINTS, PRESET_FOR_CODEC, PRESETS  # noqa: E402
-from compactfusion.environment import cpu_name  # noqa: E402
+from compactfusion.config import LINK_HINTS  # noqa: E402
 from compactfusion.memory import MODELS, estimate  # noqa: E402
 from compactfusion.policy import CODEC_GBPS, compression_times  # noqa: E402
 
@@ -179,8 +178,9 @@ WARMUP_STEPS = 1
 # Inputs
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Link:
-    """One interconnect: effective per-direction bandwidth per GPU and latency per hop."""
+class LinkModel:
+    """A modelled interconnect (nothing is measured): effective per-direction bandwidth per GPU
+    and latency per hop, and the hint the ``auto`` policy gets for it."""
 
     name: str
     label: str
@@ -204,13 +204,13 @@ class Link:
         return float(self.policy_link)
 
 
-LINKS: tuple[Link, ...] = (  # fastest first
-    Link("nvlink4", "NVLink 4 (H100 SXM)", 450.0, 360.0, 5.0, "nvlink"),
-    Link("pcie5", "PCIe Gen5 x16", 63.0, 50.0, 10.0, "pcie5"),
-    Link("400gbe", "400 GbE (RDMA)", 50.0, 45.0, 20.0, 45.0),
-    Link("pcie4", "PCIe Gen4 x16", 31.5, 25.0, 10.0, "pcie"),
-    Link("100gbe", "100 GbE (RDMA)", 12.5, 11.25, 20.0, 11.25),
-    Link("25gbe", "25 GbE", 3.125, 2.8, 20.0, 2.8),
+LINKS: tuple[LinkModel, ...] = (  # fastest first
+    LinkModel("nvlink4", "NVLink 4 (H100 SXM)", 450.0, 360.0, 5.0, "nvlink"),
+    LinkModel("pcie5", "PCIe Gen5 x16", 63.0, 50.0, 10.0, "pcie5"),
+    LinkModel("400gbe", "400 GbE (RDMA)", 50.0, 45.0, 20.0, 45.0),
+    LinkModel("pcie4", "PCIe Gen4 x16", 31.5, 25.0, 10.0, "pcie"),
+    LinkModel("100gbe", "100 GbE (RDMA)", 12.5, 11.25, 20.0, 11.25),
+    LinkModel("25gbe", "25 GbE", 3.125, 2.8, 20.0, 2.8),
 )
 
 
@@ -249,9 +249,9 @@ class Workload:
         """Elements of one rank's K and V of one layer."""
         return self.batch * self.local_tokens(n) * 2 * self.hidden
 
-    def kv_matrix_shape(self, n: int, codec: str) -> tuple[int, int]:
-        """The matrix compactfusion's xDiT integration hands the codec (``local_kv``), for
-        every codec: token-major ``(batch*tokens, 2*hidden)``."""
+    def kv_matrix_shape(self, n: int) -> tuple[int, int]:
+        """The matrix compactfusion's integrations hand every codec
+        (``integrations.strategies.local_kv``): token-major ``(batch*tokens, 2*hidden)``."""
         return (self.batch * self.local_tokens(n), 2 * self.hidden)
 
 
@@ -375,20 +375,19 @@ class CodecTiming:
         """Keep the GPU rows of the Triton kernels from ``benchmarks/kernels.py`` CSVs."""
         timing = cls()
         for path in paths:
-            with open(path, newline="") as f:
-                for row in csv.DictReader(f):
-                    device = row.get("device", "")
-                    if not device or device.lower().startswith("cpu"):
-                        continue
-                    if row.get("impl", "triton") != "triton" or row.get("dtype", dtype) != dtype:
-                        continue
-                    try:
-                        numel = int(row["rows"]) * int(row["cols"])
-                        gbps = float(row["gbps"])
-                    except (KeyError, ValueError):
-                        continue
-                    timing.measured.setdefault((row["codec"], row["op"]), []).append((numel, gbps))
-                    timing.measured_device = device
+            for row in read_csv(path):
+                device = row.get("device", "")
+                if not device or device.lower().startswith("cpu"):
+                    continue
+                if row.get("impl", "triton") != "triton" or row.get("dtype", dtype) != dtype:
+                    continue
+                try:
+                    numel = int(row["rows"]) * int(row["cols"])
+                    gbps = float(row["gbps"])
+                except (KeyError, ValueError):
+                    continue
+                timing.measured.setdefault((row["codec"], row["op"]), []).append((numel, gbps))
+                timing.measured_device = device
         return timing
 
     def gbps(self, codec: str, op: str, numel: int) -> tuple[float, str]:
@@ -416,15 +415,15 @@ class CodecTiming:
 # --------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------
-def t_allgather(nbytes: float, n: int, link: Link) -> float:
+def t_allgather(nbytes: float, n: int, link: LinkModel) -> float:
     return (n - 1) * (link.latency_s + nbytes / link.bytes_per_s)
 
 
-def t_all_to_all(nbytes: float, n: int, link: Link, calls: int = 1) -> float:
+def t_all_to_all(nbytes: float, n: int, link: LinkModel, calls: int = 1) -> float:
     return calls * (n - 1) * link.latency_s + (n - 1) / n * nbytes / link.bytes_per_s
 
 
-def t_hop(nbytes: float, link: Link) -> float:
+def t_hop(nbytes: float, link: LinkModel) -> float:
     return link.latency_s + nbytes / link.bytes_per_s
 
 
@@ -450,7 +449,7 @@ class Prediction:
 
 
 def predict(
-    w: Workload, n: int, link: Link, compute: Compute, timing: CodecTiming
+    w: Workload, n: int, link: LinkModel, compute: Compute, timing: CodecTiming
 ) -> list[Prediction]:
     """Every method's prediction for ``w`` on ``n`` GPUs over ``link`` (formulas above)."""
     if n < 2:
@@ -500,8 +499,8 @@ def predict(
             )  # fmt: skip
         )
     # auto: the library's own decision for its link hint.
-    codec = _codec(AUTO_CODEC)
-    shape = w.kv_matrix_shape(n, AUTO_CODEC)
+    codec = get_codec(AUTO_CODEC)
+    shape = w.kv_matrix_shape(n)
     t_raw, t_comp = compression_times(
         codec, shape, _dtype(w), link.policy_gbps(), device_type="cuda"
     )
@@ -523,19 +522,14 @@ def predict(
     return preds
 
 
-def _codec(name: str):
-    params = PRESETS[PRESET_FOR_CODEC[name]].get("codec_params", {})
-    return get_codec(name, **params)
-
-
 def _dtype(w: Workload) -> torch.dtype:
     return {2: torch.bfloat16, 4: torch.float32}[w.itemsize]
 
 
 def _compressed(w, n, link, c, raw_step, timing, name) -> Prediction:
-    codec = _codec(name)
+    codec = get_codec(name)  # the codec's defaults: its preset
     numel = w.kv_numel(n)
-    payload = codec.payload_nbytes(w.kv_matrix_shape(n, name), _dtype(w))
+    payload = codec.payload_nbytes(w.kv_matrix_shape(n), _dtype(w))
     t_enc, src = timing.seconds(name, "encode", numel, w.itemsize, payload)
     t_dec, _ = timing.seconds(name, "decode", numel, w.itemsize, payload)
     ag = t_allgather(payload, n, link)
@@ -577,14 +571,13 @@ FIELDS = [
 def build_rows(
     workloads: Iterable[Workload],
     gpu_counts: Iterable[int],
-    links: Iterable[Link],
+    links: Iterable[LinkModel],
     computes: dict[str, Compute],
     timing: CodecTiming,
 ) -> list[dict]:
     rows = []
-    stamp = {"host": f"{cpu_name()} (no GPU used)"
-             if not torch.cuda.is_available() else torch.cuda.get_device_name(),
-             "torch": torch.__version__}  # fmt: skip
+    cuda = torch.cuda.is_available()
+    stamp = {"host": device_name(cuda, "" if cuda else "no GPU used"), "torch": version("torch")}
     links = list(links)
     for w in workloads:
         comp = computes[w.name]
@@ -627,14 +620,7 @@ def _fmt(x: float) -> str:
     return "n/a" if math.isnan(x) else f"{x:.2f}"
 
 
-def write_csv(rows: list[dict], path: str) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def markdown(rows: list[dict], links: list[Link]) -> str:
+def markdown(rows: list[dict], links: list[LinkModel]) -> str:
     """Per workload and GPU count: ms/step (speed-up per image vs 1 GPU) for every method and
     link, then the fastest method per cell."""
     out = []
@@ -691,8 +677,7 @@ def plot(csv_path: str, png_path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(csv_path, newline="") as f:
-        rows = [r for r in csv.DictReader(f)]
+    rows = read_csv(csv_path)
     workloads = list(dict.fromkeys(r["workload"] for r in rows))
     gpus = sorted({int(r["gpus"]) for r in rows if int(r["gpus"]) > 1})
     fig, axes = plt.subplots(
@@ -838,7 +823,7 @@ def main(argv=None) -> dict[str, str]:
         "md": os.path.join(args.out, "model.md"),
         "png": os.path.join(args.out, "model.png"),
     }
-    write_csv(rows, paths["csv"])
+    write_csv(paths["csv"], FIELDS, rows)
     codec_note = (
         f"measured GPU kernel throughput from {', '.join(map(os.path.basename, csvs))} "
         f"({timing.measured_device}) where a codec has rows; planning figures otherwise"
@@ -860,10 +845,7 @@ def main(argv=None) -> dict[str, str]:
     mem_rows = memory_rows(gpu_counts)
     paths["memory_csv"] = os.path.join(args.out, "model_memory.csv")
     paths["memory_md"] = os.path.join(args.out, "model_memory.md")
-    with open(paths["memory_csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=MEMORY_FIELDS)
-        writer.writeheader()
-        writer.writerows(mem_rows)
+    write_csv(paths["memory_csv"], MEMORY_FIELDS, mem_rows)
     with open(paths["memory_md"], "w") as f:
         f.write(
             "## Base memory per rank (computed from the model shapes, not measured)\n\n"

@@ -26,13 +26,14 @@ average at the start), torch and xfuser versions.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import os
-import platform
 import statistics
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks._report import machine_stamp, write_csv  # noqa: E402
 
 FIELDS = [
     "measure",
@@ -293,26 +294,12 @@ def _row(measure, entry, config, median, p20, p80, unit, samples, ratio="", rati
 
 
 def _stamp(rows: list[dict], world: int, load1: float) -> list[dict]:
-    import torch
-
-    from compactfusion.environment import cpu_name
-
-    try:
-        import importlib.metadata
-
-        xfuser = importlib.metadata.version("xfuser")
-    except Exception:  # noqa: BLE001 (only a label)
-        xfuser = "n/a"
+    machine = machine_stamp()
     stamp = {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_name(),
-        "cpu_cores": os.cpu_count(),
+        **{k: machine[k] for k in ("device", "cpu_cores", "torch", "xfuser", "python", "date")},
         "threads_per_rank": max(1, (os.cpu_count() or 1) // world),
         "world": world,
         "load1_at_start": f"{load1:.2f}",
-        "torch": torch.__version__,
-        "xfuser": xfuser,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
     out = []
     for r in rows:
@@ -331,12 +318,7 @@ def run(args) -> str:
     load1 = os.getloadavg()[0]  # other work on the machine skews every timing
     results = spawn_ranks(_rank, world, args, timeout=args.timeout)
     rows = _stamp(results[0], world, load1)  # rank 0's view (the ranks run in lockstep)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "overhead.csv")
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        w.writerows(rows)
+    path = write_csv(os.path.join(args.out, "overhead.csv"), FIELDS, rows)
     for r in rows:
         print(f"{r['measure']:20s} {r['entry']:28s} {r['config']:36s} {r['median']:>9s} "
               f"min {r['min'] or '-':>9s} {r['unit']:5s} {r['ratio'] or '-':>6s}")  # fmt: skip

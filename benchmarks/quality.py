@@ -35,14 +35,13 @@ parallel run's image (values in [0, 1]; SSIM with an 11x11 Gaussian window, sigm
 ``C1 = 0.01^2``, ``C2 = 0.03^2``, mean over channels, as in Wang et al. 2004).
 ``wire_ratio``: raw K/V bytes / payload bytes after warm-up (``compactfusion.stats``).
 
-How the K/V are observed (no library file is changed): the patched pipeline's
-``ResidualCompressor`` (``pipe._compactfusion_state.compressor``) gets instance-level wrappers
-of ``encode`` and ``decode``. ``encode(key, x)`` receives the sender's exact local K/V; the
-wrapper all-gathers it raw on the default group (outside compactfusion's own traffic: every
-rank encodes the same site in the same order, and the ring group is the whole world here),
-and ``decode`` compares the reconstruction it returns with the peer's exact tensor. Errors are
-accumulated per step on the fly, so memory stays at one layer's K/V (the uncompressed run's
-K/V are stored only for the ``vs_ref`` metric, within the budget).
+How the K/V are observed: an observer on the patched pipeline's ``ResidualCompressor``
+(``ResidualCompressor.add_observer``) sees every sent K/V site's exact activation and every
+received one's reconstruction. It all-gathers each sent activation raw on the default group
+(outside compactfusion's own traffic: every rank sends the same site in the same order, and
+the ring group is the whole world here) and compares each reconstruction with the peer's
+exact tensor. Errors are accumulated per step on the fly, so memory stays at one layer's K/V
+(the uncompressed run's K/V are stored only for the ``vs_ref`` metric, within the budget).
 
 Default: a tiny random FLUX (2 double + 2 single blocks, 4 heads x 64, bf16, 64x64 px, 20
 steps) through xfuser's ``xFuserFluxPipeline`` with ``ring_degree=2`` on 2 gloo CPU ranks.
@@ -73,7 +72,6 @@ mean |base|; ``derived_prev``: of the previous decoded residual), fp8, and lowra
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -84,12 +82,10 @@ import warnings
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from compactfusion.config import PRESET_FOR_CODEC  # noqa: E402
-from compactfusion.environment import cpu_name  # noqa: E402
+from benchmarks._report import machine_stamp, psnr, read_csv, ssim, write_csv  # noqa: E402
 from compactfusion.testing import spawn_ranks  # noqa: E402
 
 CODECS = ("int1", "int2", "fp8", "nm_sparse", "lowrank")
@@ -128,47 +124,8 @@ STEP_FIELDS = ["workload", "codec", "variant", "step", "kv_rel_err", "kv_rel_err
 
 
 # --------------------------------------------------------------------------------------------
-# Image metrics
+# Image metrics beyond PSNR/SSIM (benchmarks._report)
 # --------------------------------------------------------------------------------------------
-def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> float:
-    mse = float(((a.double() - b.double()) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(data_range**2 / mse)
-
-
-def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
-    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-(x**2) / (2 * sigma**2))
-    g = g / g.sum()
-    return g[:, None] * g[None, :]
-
-
-def ssim(
-    a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0, win: int = 11, sigma: float = 1.5
-) -> float:
-    """Mean SSIM of two image batches ``[..., C, H, W]`` (valid windows only, per channel).
-
-    Images smaller than the window use a window of their own (odd) size instead.
-    """
-    if a.shape != b.shape or a.dim() < 3:
-        raise ValueError(f"need two equal [..., C, H, W] tensors, got {a.shape} and {b.shape}")
-    c, h, w = a.shape[-3:]
-    x = a.reshape(-1, c, h, w).double()
-    y = b.reshape(-1, c, h, w).double()
-    win = min(win, h - (h + 1) % 2, w - (w + 1) % 2)
-    kernel = _gaussian_window(win, sigma).to(x)[None, None].expand(c, 1, win, win)
-
-    def blur(t):
-        return F.conv2d(t, kernel, groups=c)
-
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mx, my = blur(x), blur(y)
-    sxx = blur(x * x) - mx * mx
-    syy = blur(y * y) - my * my
-    sxy = blur(x * y) - mx * my
-    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
-    return float(s.mean())
-
-
 def _hub_checkpoint(filename: str) -> str | None:
     path = os.path.join(torch.hub.get_dir(), "checkpoints", filename)
     return path if os.path.exists(path) else None
@@ -228,63 +185,38 @@ def _kv_layer(key) -> str | None:
 class KVProbe:
     """Per-step K/V error of one patched pipeline on one rank (see the module docstring).
 
-    Installs instance attributes ``encode``/``decode``/``send``/``receive``/``count_plain`` on
-    the pipeline's compressor that call the original methods; :meth:`close` deletes them (the
-    class methods show through again).
+    Registers an observer on the pipeline's compressor (``ResidualCompressor.add_observer``):
+    a sent K/V site's exact activation is all-gathered raw on the default group, and each
+    received one's reconstruction is compared with its sender's exact tensor. :meth:`close`
+    removes the observer.
     """
 
     def __init__(self, pipe, reference: dict | None = None, store_budget: int = 0):
         self.state = pipe._compactfusion_state
-        self.comp = self.state.compressor
         self.reference = reference  # (step, layer, src) -> K/V of the uncompressed run
         self.store_budget = store_budget  # bytes: store this run's exact K/V up to this much
         self.stored: dict | None = {} if store_budget > 0 else None
         self.stored_bytes = 0
         self.err: dict[int, list[float]] = {}  # step -> [err^2, norm^2, ref err^2, ref norm^2]
         self._exact: dict = {}
-        encode, decode = self.comp.encode, self.comp.decode
-        send, receive, count_plain = self.comp.send, self.comp.receive, self.comp.count_plain
-        world = dist.get_world_size()
+        self._world = dist.get_world_size()
+        self._handle = self.state.compressor.add_observer(self._observe)
 
-        def observe(key, x):
-            layer = _kv_layer(key)
-            if layer is not None:
-                gathered = [torch.empty_like(x) for _ in range(world)]
-                dist.all_gather(gathered, x.contiguous())
-                for src, t in enumerate(gathered):
-                    self._exact[(layer, src)] = t
-                self._store(layer, gathered)
-
-        def probe_encode(key, x, force_raw=False):
-            observe(key, x)
-            return encode(key, x, force_raw=force_raw)
-
-        def probe_decode(key, payload, out=None, header=None):
-            base = decode(key, payload, out=out, header=header)
-            if _kv_layer(key) is not None:
-                self._measure(_kv_layer(key), key[1], base)
-            return base
-
-        def probe_send(group, items, compressed):
-            for key, x in items:
-                observe(key, x)
-            return send(group, items, compressed)
-
-        def probe_receive(group, key, payload, out, compressed):
-            receive(group, key, payload, out, compressed)
-            if _kv_layer(key) is not None:
-                self._measure(_kv_layer(key), key[1], out)
-
-        def probe_count_plain(key, role, x):  # lossless codec: plain collectives
-            count_plain(key, role, x)
-            if role == "send":
-                observe(key, x)
-            elif _kv_layer(key) is not None:
-                self._measure(_kv_layer(key), key[1], x)
-
-        self.comp.encode, self.comp.decode = probe_encode, probe_decode
-        self.comp.send, self.comp.receive = probe_send, probe_receive
-        self.comp.count_plain = probe_count_plain
+    def _observe(self, transfer) -> None:
+        layer = _kv_layer(transfer.key)
+        if layer is None:
+            return
+        if transfer.role == "recv":
+            self._measure(layer, transfer.key[1], transfer.value)
+            return
+        # Every rank sends the same K/V sites in the same order (the ring group is the whole
+        # world here), so this raw all-gather, outside compactfusion's traffic, lines up.
+        x = transfer.value.contiguous()
+        gathered = [torch.empty_like(x) for _ in range(self._world)]
+        dist.all_gather(gathered, x)
+        for src, t in enumerate(gathered):
+            self._exact[(layer, src)] = t
+        self._store(layer, gathered)
 
     def _store(self, layer, gathered) -> None:
         if self.stored is None:
@@ -313,8 +245,7 @@ class KVProbe:
                 acc[3] += float((ref**2).sum())
 
     def close(self) -> None:
-        for name in ("encode", "decode", "send", "receive", "count_plain"):
-            self.comp.__dict__.pop(name, None)
+        self._handle.remove()
 
     def per_step(self) -> list[tuple[float, float]]:
         """``(kv_rel_err, kv_rel_err_vs_ref)`` per step, summed over all ranks (collective)."""
@@ -446,10 +377,10 @@ def _rank(rank: int, world: int, opts: dict):
     results = []
     for codec, variant in runs:
         if codec == "raw":
-            cfg = cf.CompactConfig.preset("off", mode=opts["mode"])
+            cfg = cf.CompactConfig.preset("raw", mode=opts["mode"])
         else:
             cfg = cf.CompactConfig.preset(
-                PRESET_FOR_CODEC[codec],
+                codec,
                 mode=opts["mode"],
                 warmup_steps=WARMUP_STEPS,
                 **VARIANTS[variant],
@@ -481,18 +412,9 @@ def _rank(rank: int, world: int, opts: dict):
                 "vs_ref": reference is not None,
             }
         )
-    import importlib.metadata
-
-    if torch.cuda.is_available():
-        device = torch.cuda.get_device_name()
-    else:
-        device = f"{cpu_name()} ({os.cpu_count()} cores), {world} gloo ranks, no GPU"
-    meta = {
-        "workload": workload,
-        "device": device,
-        "torch": torch.__version__,
-        "xfuser": importlib.metadata.version("xfuser"),
-    }
+    cuda = torch.cuda.is_available()
+    machine = machine_stamp(cuda, "" if cuda else f"{world} gloo ranks, no GPU")
+    meta = {"workload": workload, **{k: machine[k] for k in ("device", "torch", "xfuser")}}
     return (meta, results) if rank == 0 else None
 
 
@@ -559,10 +481,7 @@ def write_results(out: str, tag: str, summary: tuple, steps: tuple) -> dict[str,
         "png": os.path.join(out, f"quality_{tag}.png"),
     }
     for path, (fields, rows) in ((paths["csv"], summary), (paths["steps_csv"], steps)):
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(path, fields, rows)
     return paths
 
 
@@ -639,8 +558,7 @@ def plot(steps_csv: str, png: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(steps_csv, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_csv(steps_csv)
     codecs = [c for c in dict.fromkeys(r["codec"] for r in rows) if c != "raw"]
     fields = [("kv_rel_err", "K/V rel. error vs exact (same run)")]
     if any(r["kv_rel_err_vs_ref"] != "n/a" for r in rows):
@@ -737,7 +655,8 @@ def run_trajectory_benchmark(args) -> dict[str, str]:
         "channel_scales_only": TrajectoryConfig.channel_scales_only(**size),
     }
     codecs = args.codecs.split(",") if args.codecs else ["int2", "int1", "fp8", "lowrank"]
-    device = f"{cpu_name()} ({os.cpu_count()} cores), no GPU"
+    machine = machine_stamp(cuda=False, detail="no GPU")
+    device = machine["device"]
     rows, step_rows = [], []
     start = time.perf_counter()
     for data, tcfg in datas.items():
@@ -763,7 +682,7 @@ def run_trajectory_benchmark(args) -> dict[str, str]:
                     "max_rel_err": _f(max(errors)),
                     "mean_rel_err": _f(statistics.fmean(errors[1:])),
                     "bytes_per_step": nbytes, "wire_ratio": _f(raw / nbytes, 4),
-                    "bases_identical": identical, "device": device, "torch": torch.__version__,
+                    "bases_identical": identical, "device": device, "torch": machine["torch"],
                 }
             )  # fmt: skip
             step_rows += [
@@ -818,8 +737,7 @@ def plot_trajectory(steps_csv: str, png: str, device: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(steps_csv, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_csv(steps_csv)
     datas = list(dict.fromkeys(r["data"] for r in rows))
     codecs = list(dict.fromkeys(r["codec"] for r in rows))
     fig, axes = plt.subplots(

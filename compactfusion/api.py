@@ -7,7 +7,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from .config import CompactConfig
+from .config import CompactConfig, preset_name
 from .integrations import find_adapter
 from .integrations.generation import generation_of
 from .integrations.state import STATE_ATTR
@@ -32,11 +32,14 @@ def patch(pipe: Any, config: CompactConfig | str | None = None) -> Any:
     diffusers' own context parallelism enabled (``enable_parallelism``), or such a diffusers
     transformer itself (then mark each generation with :func:`generation`).
 
-    ``config`` is a :class:`CompactConfig`, a preset name (``"int2"``, ``"int1"``, ``"fp8"``,
-    ``"lowrank"``, ``"sparse"``, ``"off"``) or None for the ``int2`` preset. Patching is per
-    pipeline instance. Patching again with an equal config does nothing; with a different one
-    it raises ``ValueError`` (``unpatch`` first). Call it on every rank with the same config.
+    ``config`` is a :class:`CompactConfig`, a preset name (a codec's name: ``"int2"``,
+    ``"int1"``, ``"fp8"``, ``"lowrank"``, ``"nm_sparse"``, ``"raw"``; see
+    :meth:`CompactConfig.preset`) or None for the ``int2`` preset. Patching is per pipeline
+    instance. Patching again with an equal config does nothing; with a different one it raises
+    ``ValueError`` (``unpatch`` first). Call it on every rank with the same config.
     """
+    if isinstance(config, str):
+        config = preset_name(config)  # a deprecated alias warns here, pointing at the caller
     config = _as_config(config)
     state = getattr(pipe, STATE_ATTR, None)
     if state is not None:
@@ -77,6 +80,8 @@ def stats(pipe: Any) -> dict[str, Any]:
 @contextlib.contextmanager
 def patched(pipe: Any, config: CompactConfig | str | None = None) -> Iterator[Any]:
     """``with compactfusion.patched(pipe, "int1"): pipe(...)`` — unpatched again on exit."""
+    if isinstance(config, str):  # frames: this generator, contextlib's __enter__, the caller
+        config = preset_name(config, stacklevel=3)
     patch(pipe, config)
     try:
         yield pipe

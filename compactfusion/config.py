@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import re
+import warnings
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -250,7 +251,7 @@ class CompactConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
-    def to_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> dict[str, Any]:
         """Plain-dict form (``site_policy`` shown by its qualified name and a hash of its code,
         constants and captured values)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -261,10 +262,19 @@ class CompactConfig:
             d["site_policy"] = f"{name}#{callable_fingerprint(policy)}"
         return d
 
+    def to_dict(self) -> dict[str, Any]:
+        """Deprecated name of :meth:`as_dict` (removed in the next release)."""
+        warnings.warn(
+            "CompactConfig.to_dict() is deprecated, use CompactConfig.as_dict()",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.as_dict()
+
     def fingerprint(self) -> str:
         """A short hash of everything that must match across ranks (``timeout_s`` need not:
         each rank bounds its own waits)."""
-        d = self.to_dict()
+        d = self.as_dict()
         del d["timeout_s"]
         text = json.dumps(d, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -275,25 +285,44 @@ class CompactConfig:
     # --- presets ----------------------------------------------------------------------------
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> CompactConfig:
-        """A named preset: ``"int1"``, ``"int2"``, ``"fp8"``, ``"lowrank"``, ``"sparse"``,
-        ``"off"``; keyword overrides change fields of it."""
+        """The preset named after a codec (``"int1"``, ``"int2"``, ``"fp8"``, ``"lowrank"``,
+        ``"nm_sparse"``, ``"raw"``): that codec with its default parameters. Keyword overrides
+        change fields of it. The old names ``"sparse"`` and ``"off"`` still work and raise a
+        ``DeprecationWarning`` naming the new one."""
+        name = preset_name(name, stacklevel=2)
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
 
+# One preset per codec, named after it: the codec with its default parameters. int1/int2:
+# per-channel scales times per-token scales of groups of 256 channels ({"channel_scale":
+# "none"} in codec_params selects group scales only); lowrank: rank 16, int8 factors, 2
+# subspace iterations (96x on a 1024x3072 bf16 FLUX shard); nm_sparse: 1 of every 4 values.
 PRESETS: dict[str, dict[str, Any]] = {
-    # int1/int2 defaults: per-channel scales (channel_scale="mean") times per-token scales of
-    # groups of 256 channels; {"channel_scale": "none"} in codec_params selects group scales only.
     "int1": {"codec": "int1"},
     "int2": {"codec": "int2"},
     "fp8": {"codec": "fp8"},
-    # int8 factors: the same error as bf16 on drifting activations, twice the ratio (96x on a
-    # 1024x3072 bf16 FLUX shard instead of 48x); 2 subspace iterations (the codec default).
-    "lowrank": {"codec": "lowrank", "codec_params": {"rank": 16, "factor_dtype": "int8"}},
-    "sparse": {"codec": "nm_sparse", "codec_params": {"n": 1, "m": 4}},
-    "off": {"codec": "raw"},
+    "lowrank": {"codec": "lowrank"},
+    "nm_sparse": {"codec": "nm_sparse"},
+    "raw": {"codec": "raw"},
 }
 
-# The preset that configures each codec (``"raw"`` -> ``"off"``), derived from ``PRESETS``.
-PRESET_FOR_CODEC: dict[str, str] = {p["codec"]: name for name, p in PRESETS.items()}
+# Old preset names, accepted (with a DeprecationWarning) for one release.
+DEPRECATED_PRESETS: dict[str, str] = {"sparse": "nm_sparse", "off": "raw"}
+
+
+def preset_name(name: str, stacklevel: int = 2) -> str:
+    """``name``, or the new name of a deprecated preset alias (``"sparse"`` -> ``"nm_sparse"``,
+    ``"off"`` -> ``"raw"``) after a ``DeprecationWarning`` naming it. ``stacklevel`` is that of
+    ``warnings.warn`` as if the function calling this one had called it (2: its caller)."""
+    new = DEPRECATED_PRESETS.get(name) if isinstance(name, str) else None
+    if new is None:
+        return name
+    warnings.warn(
+        f"preset {name!r} is deprecated, use {new!r} (presets are named after their codec); "
+        f"{name!r} will be removed in the next release",
+        DeprecationWarning,
+        stacklevel=stacklevel + 1,
+    )
+    return new

@@ -62,26 +62,48 @@ def _group(name: str) -> dist.ProcessGroup:
     return _resolve_process_group(name)
 
 
-@torch.library.custom_op("compactfusion::all_gather", mutates_args=())
-def all_gather(x: torch.Tensor, handle: str, site: str, group: str) -> torch.Tensor:
-    """Compressed all-gather of ``x``: ``(world, *x.shape)``, this rank's slot exact."""
+# Defined with ``torch.library.Library`` rather than ``torch.library.custom_op``: the ops are
+# inference-only, and the lower-level registration skips custom_op's Python autograd and
+# aliasing wrappers on every call (about 20 us per call less on the development CPU). The
+# kernels are registered for every backend at once (CompositeExplicitAutograd); outputs carry
+# no gradient.
+_LIB = torch.library.Library("compactfusion", "DEF")
+_LIB.define("all_gather(Tensor x, str handle, str site, str group) -> Tensor")
+_LIB.define("all_to_all(Tensor x, str handle, str site, str group) -> Tensor")
+
+
+def _all_gather_impl(x, handle, site, group):
     return compressed_all_gather(_compressor(handle), site, x, _group(group))
 
 
-@all_gather.register_fake
+def _all_to_all_impl(x, handle, site, group):
+    return compressed_all_to_all(_compressor(handle), site, x, _group(group))
+
+
 def _all_gather_fake(x, handle, site, group):
     return x.new_empty((dist.get_world_size(_group(group)), *x.shape))
 
 
-@torch.library.custom_op("compactfusion::all_to_all", mutates_args=())
-def all_to_all(x: torch.Tensor, handle: str, site: str, group: str) -> torch.Tensor:
-    """Compressed all-to-all of ``x`` (equal splits along dim 0), shaped like ``x``."""
-    return compressed_all_to_all(_compressor(handle), site, x, _group(group))
-
-
-@all_to_all.register_fake
 def _all_to_all_fake(x, handle, site, group):
     return torch.empty_like(x)
+
+
+_LIB.impl("all_gather", _all_gather_impl, "CompositeExplicitAutograd")
+_LIB.impl("all_to_all", _all_to_all_impl, "CompositeExplicitAutograd")
+torch.library.register_fake("compactfusion::all_gather", _all_gather_fake, lib=_LIB)
+torch.library.register_fake("compactfusion::all_to_all", _all_to_all_fake, lib=_LIB)
+
+
+def all_gather(x: torch.Tensor, handle: str, site: str, group: str) -> torch.Tensor:
+    """Compressed all-gather of ``x``: ``(world, *x.shape)``, this rank's slot exact
+    (``torch.ops.compactfusion.all_gather``)."""
+    return torch.ops.compactfusion.all_gather(x, handle, site, group)
+
+
+def all_to_all(x: torch.Tensor, handle: str, site: str, group: str) -> torch.Tensor:
+    """Compressed all-to-all of ``x`` (equal splits along dim 0), shaped like ``x``
+    (``torch.ops.compactfusion.all_to_all``)."""
+    return torch.ops.compactfusion.all_to_all(x, handle, site, group)
 
 
 __all__ = ["all_gather", "all_to_all", "group_name", "register"]

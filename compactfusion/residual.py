@@ -42,6 +42,10 @@ would let sender and receiver bases diverge silently. The check is one compariso
 (skipped while torch.compile traces; the compressed exchanges run inside custom ops, which it
 does not trace).
 
+Observers (:meth:`ResidualCompressor.add_observer`) see each site's transfers as they happen:
+the sender's exact activation and each receiver's reconstruction (benchmarks measure fidelity
+with them; see ``benchmarks/quality.py``).
+
 Every base is assigned through a :class:`~compactfusion.memory.BaseStore`, which counts its
 bytes, applies ``max_base_bytes`` (a refused site keeps no base, so it is always sent raw) and
 stores it in ``base_storage`` format (see ``compactfusion.memory``). Blocks that can never be
@@ -55,11 +59,13 @@ import contextlib
 import logging
 import math
 import threading
-from collections.abc import Hashable, Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from .backend import resolve_backend
 from .checksum import CHECKSUM_NBYTES, checksum_mismatch, with_checksum
@@ -68,6 +74,7 @@ from .codecs.base import (
     FLAG_NOT_FINITE,
     FLAG_OUT_OF_RANGE,
     FLAGS_OFFSET,
+    aligned_payload,
     check_fits,
     deferred_checks,
     header_mismatch,
@@ -122,6 +129,19 @@ class SiteStats:
         d = dict(self.__dict__)
         d["ratio"] = self.raw_bytes / self.payload_bytes if self.payload_bytes else math.nan
         return d
+
+
+@dataclass(frozen=True)
+class SiteTransfer:
+    """One transfer of one site, as an observer sees it (see
+    :meth:`ResidualCompressor.add_observer`)."""
+
+    key: Hashable  # the site key
+    role: str  # "send" (this rank sent it) or "recv" (this rank received it)
+    # send: the activation exactly as given to the compressor; recv: what this receiver
+    # reconstructed (the decoded tensor, or the plain tensor received). Not to be modified.
+    value: torch.Tensor
+    compressed: bool  # a compressed payload (False: raw payload or plain transfer)
 
 
 class _Site:
@@ -194,6 +214,8 @@ class ResidualCompressor:
         self._groups: dict[Hashable, _Group] = {}
         self._flags: dict[torch.device, torch.Tensor] = {}  # uint8 status per group slot
         self._slots: dict[torch.device, list[Hashable]] = {}
+        # OrderedDict: RemovableHandle holds it weakly (a plain dict cannot be).
+        self._observers: OrderedDict[int, Callable[[SiteTransfer], None]] = OrderedDict()
         self.store = BaseStore(
             self.config.max_base_bytes,
             self.config.base_storage,
@@ -252,6 +274,38 @@ class ResidualCompressor:
         The default treats every key as its own site of one block; collectives need
         ``memory.exchange_footprint``. Set it before the first call."""
         self.store.footprint = footprint
+
+    def add_observer(self, fn: Callable[[SiteTransfer], None]) -> RemovableHandle:
+        """Call ``fn(transfer)`` after every transfer of a site through this compressor: each
+        ``encode``/``send`` (``role="send"``, the exact activation) and each
+        ``decode``/``receive`` (``role="recv"``, the reconstruction), compressed or raw, and
+        each plain transfer counted by :meth:`count_plain`; see :class:`SiteTransfer`. It is
+        called after the site's base was updated, so :meth:`base` shows the new base. Returns
+        a handle whose ``remove()`` unregisters ``fn`` (also a context manager). Observers run
+        in registration order; an exception from one propagates to the caller.
+
+        Cost: none beyond one test of an empty dict per call while no observer is registered.
+
+        Under ``torch.compile`` observers are never traced. The compressed all-gather and
+        all-to-all run as ``torch.library`` custom ops whose bodies dynamo does not trace
+        into, so observers run eagerly inside them, without a graph break; the ``ring`` and
+        ``stale`` strategies, which dynamo does trace into, call observers through
+        ``torch.compiler.disable`` (one graph break per call, only while an observer is
+        registered). An observer may therefore read values to the host or run collectives of
+        its own (every rank calls its observers for the same sites in the same order); what
+        it does is its own cost, and it must not modify the tensors it is given.
+        """
+        if not callable(fn):
+            raise TypeError(f"observer must be callable, got {type(fn).__name__}")
+        handle = RemovableHandle(self._observers)
+        self._observers[handle.id] = fn
+        return handle
+
+    @torch.compiler.disable
+    def _notify(self, key: Hashable, role: str, value: torch.Tensor, compressed: bool) -> None:
+        transfer = SiteTransfer(key, role, value, compressed)
+        for fn in list(self._observers.values()):
+            fn(transfer)
 
     # --- decisions --------------------------------------------------------------------------
     def will_compress(self, key: Hashable, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
@@ -321,6 +375,7 @@ class ResidualCompressor:
             self._warn_once(
                 "nonfinite", f"non-finite (or out-of-range) residual at site {key!r}: sent raw"
             )
+        compressed = payload is not None
         if payload is None:
             payload = self._raw.encode(x)
             site.keep_copy(x.detach())
@@ -333,6 +388,8 @@ class ResidualCompressor:
         if self._trailer:
             payload = with_checksum(payload)
         self._count(site, tuple(x.shape), x.dtype, payload.numel())
+        if self._observers:
+            self._notify(key, "send", x, compressed)
         return payload
 
     def _encode_compressed(self, site: _Site, x: torch.Tensor):
@@ -386,20 +443,43 @@ class ResidualCompressor:
         until the next call of this site. ``header`` optionally holds a host copy of the
         payload's first bytes (see ``decode_header``). With ``checksum`` the payload's
         trailer is verified first (one host read) and a mismatch raises ``PayloadError``.
+
+        The header is validated before anything is stored: a payload that is not a contiguous
+        1-D ``uint8`` tensor, of another codec, with other codec parameters or of the wrong
+        size raises :class:`PayloadError` (a misaligned one is copied first, see
+        ``codecs.base.aligned_payload``). ``out`` must have the payload's shape, dtype and
+        device (``ValueError``).
         """
         self._claim()
-        wire_nbytes = payload.numel() if isinstance(payload, torch.Tensor) else 0
+        payload = aligned_payload(payload)
+        wire_nbytes = payload.numel()
         if self._trailer:
             payload = self._verified(key, payload)
-        codec_id, dtype, shape, _, hdr = decode_header(payload, header)
+        codec_id, dtype, shape, params, hdr = decode_header(payload, header)
+        codec = self._raw if codec_id == self._raw.codec_id else self.codec
+        if codec_id != codec.codec_id:
+            raise PayloadError(
+                f"site {key!r}: payload of codec id {codec_id} but this compressor uses "
+                f"{self.codec.name!r} (id {self.codec.codec_id}); configs differ across ranks"
+            )
+        if params != codec.header_params():
+            raise PayloadError(
+                f"site {key!r}: {codec.name} payload with header parameters {params}, but this "
+                f"compressor's are {codec.header_params()}; configs differ across ranks"
+            )
+        if payload.numel() != codec.payload_nbytes(shape, dtype):
+            raise PayloadError(
+                f"site {key!r}: {codec.name} payload for {shape} {dtype} must be "
+                f"{codec.payload_nbytes(shape, dtype)} bytes, got {payload.numel()}"
+            )
+        if out is not None:
+            _check_out(key, out, shape, dtype, payload.device)
         site = self._site_of(key, "recv")
-        if codec_id == self._raw.codec_id:
+        if codec is self._raw:
             nbytes = math.prod(shape) * dtype.itemsize
-            if payload.numel() != self._raw.payload_nbytes(shape, dtype):
-                raise PayloadError(f"site {key!r}: raw payload of the wrong size")
             value = payload[hdr : hdr + nbytes].view(dtype).reshape(shape).clone()
             if out is not None:
-                out.copy_(value.reshape(out.shape))
+                out.copy_(value)
                 value = out
             restarted = site.base is None or (
                 tuple(site.base.shape) != tuple(shape) or site.base.dtype != dtype
@@ -407,28 +487,21 @@ class ResidualCompressor:
             site.base = value  # kept as stored by the BaseStore; ``value`` is returned
             site.calls = 1 if restarted else site.calls + 1
             site.stats.raw_sends += 1
-        elif codec_id != self.codec.codec_id:
-            raise PayloadError(
-                f"site {key!r}: payload of codec id {codec_id} but this compressor uses "
-                f"{self.codec.name!r} (id {self.codec.codec_id}); configs differ across ranks"
-            )
         else:
             if site.base is None and self.config.residual:
                 raise PayloadError(f"site {key!r}: compressed payload arrived before any base")
-            value = self._decode_compressed(site, payload, shape, dtype, out)
+            # the header was validated above: no second read of it
+            value = self._decode_compressed(site, payload, shape, dtype, out, check_header=False)
             site.base = value
             site.calls += 1
         self._count(site, tuple(shape), dtype, wire_nbytes)
+        if self._observers:
+            self._notify(key, "recv", value, codec_id != self._raw.codec_id)
         return value
 
     def _verified(self, key: Hashable, payload: torch.Tensor) -> torch.Tensor:
         """The body of a payload whose checksum trailer matches; ``PayloadError`` otherwise."""
-        if (
-            not isinstance(payload, torch.Tensor)
-            or payload.dtype != torch.uint8
-            or payload.dim() != 1
-            or payload.numel() <= CHECKSUM_NBYTES
-        ):
+        if payload.numel() <= CHECKSUM_NBYTES:  # a 1-D uint8 tensor (aligned_payload)
             raise PayloadError(
                 f"site {key!r}: a payload with a checksum must be a 1-D uint8 tensor of more "
                 f"than {CHECKSUM_NBYTES} bytes"
@@ -530,6 +603,9 @@ class ResidualCompressor:
                 _keep_unless(site, failed, new_base.reshape(site.base.shape))
         own = (status & NOT_FINITE) * (OWN_NOT_FINITE // NOT_FINITE)
         self._record(group, status | own)
+        if self._observers:
+            for key, x in items:
+                self._notify(key, "send", x, compressed)
         return payloads
 
     def receive(
@@ -584,6 +660,8 @@ class ResidualCompressor:
             site.stats.raw_sends += 1
         self._record(group, status)
         self._count(site, shape, dtype, wire_nbytes)
+        if self._observers:
+            self._notify(key, "recv", out, compressed)
 
     def count_plain(self, key: Hashable, role: str, x: torch.Tensor) -> None:
         """Count a plain (uncompressed, headerless) transfer at site ``key`` in the statistics:
@@ -594,6 +672,8 @@ class ResidualCompressor:
         site = self._site_of(key, role)
         site.stats.raw_sends += 1
         self._count(site, tuple(x.shape), x.dtype, x.numel() * x.element_size())
+        if self._observers:
+            self._notify(key, role, x, False)
 
     def end_step(self) -> bool:
         """Apply the status flags of this step's exchanges: one device-to-host read per device
@@ -746,7 +826,7 @@ class ResidualCompressor:
         out = total.as_dict()
         del out["role"], out["shape"], out["dtype"]
         out["sent_payload_bytes"], out["sent_raw_bytes"] = self.sent_bytes()
-        out["codec"] = self.codec.describe()
+        out["codec"] = self.codec.as_dict()
         out.update(self.memory_stats())
         out["sites"] = sites
         return out
@@ -794,6 +874,25 @@ class ResidualCompressor:
         if tag not in self._warned:
             self._warned.add(tag)
             logger.warning("compactfusion: %s", message)
+
+
+def _check_out(
+    key: Hashable,
+    out: Any,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> None:
+    """``out`` of :meth:`ResidualCompressor.decode` must be a tensor of the payload's shape,
+    dtype and device: it becomes the site's base (``TypeError`` for a non-tensor,
+    ``ValueError`` otherwise, as the codecs' own ``out`` checks)."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"site {key!r}: out must be a torch.Tensor, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device:
+        raise ValueError(
+            f"site {key!r}: out must hold the payload's {tuple(shape)} {dtype} on {device} "
+            f"(it becomes the base), got {tuple(out.shape)} {out.dtype} on {out.device}"
+        )
 
 
 def _store_value(site: _Site, value: torch.Tensor) -> None:

@@ -113,7 +113,14 @@ def verify_bases(pipe: Any) -> dict:
     state = getattr(pipe, STATE_ATTR, None)
     if state is None:
         raise ValueError("this pipeline is not patched by compactfusion")
-    return verify_state(state)
+    # One state per pipeline (an xfuser runner model can hold two).
+    verdicts = [verify_state(s) for s in state.pipeline_states()]
+    return {
+        "agree": all(v["agree"] for v in verdicts),
+        "sites_checked": sum(v["sites_checked"] for v in verdicts),
+        "mismatched": [m for v in verdicts for m in v["mismatched"]],
+        "world": verdicts[0]["world"],
+    }
 
 
 def verify_state(state: Any) -> dict:

@@ -60,6 +60,9 @@ for _dir in (_REPO, _HERE):
 
 from _validation import Geometry, problems, read_configs  # noqa: E402
 
+from compactfusion.environment import cpu_name  # noqa: E402
+from compactfusion.metrics import psnr  # noqa: E402
+
 TINY = "tiny"  # ``--model tiny`` asks for the tiny random model without looking for weights
 # xfuser input arguments whose default depends on the model (real or tiny, image or video).
 _PER_MODEL = (
@@ -291,12 +294,6 @@ def _first(result: Any) -> Any:
     return output
 
 
-def psnr(a, b) -> float:
-    """PSNR in dB of two float arrays in [0, 1]."""
-    mse = float(((a - b) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
-
-
 def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
@@ -331,13 +328,7 @@ def _machine(device_type: str) -> dict[str, Any]:
     if device_type == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    info["cpu"] = cpu
+    info["cpu"] = cpu_name()
     return info
 
 
@@ -531,7 +522,7 @@ def _run(example, args, engine_config, config, dtype, path, weights_note, inputs
             "pipefusion_degree": parallel.pp_degree,
             "data_parallel_degree": parallel.dp_degree,
         },
-        "compactfusion": None if config is None else config.to_dict(),
+        "compactfusion": None if config is None else config.as_dict(),
         "load_seconds": load_seconds,
         "runs": runs,
         "files": files,

@@ -31,7 +31,7 @@ CODECS = [
     ("int2", {}, "int2"),
     ("int1", {}, "int1"),
     ("nm_sparse", {"n": 1, "m": 4}, "nm_sparse 1:4"),
-    ("lowrank", {"rank": 16}, "lowrank r16"),
+    ("lowrank", {"rank": 16}, "lowrank r16 int8"),
 ]
 
 

@@ -2,7 +2,7 @@
 
     # 2 GPUs, ring attention, K/V sent as 2-bit residuals (weights from a local directory)
     torchrun --nproc_per_node=2 examples/diffusers_cp_example.py \\
-        --model /path/to/FLUX.1-dev --ring 2 --codec int2 --prompt "a cat holding a sign"
+        --model /path/to/FLUX.1-dev --ring 2 --preset int2 --prompt "a cat holding a sign"
 
     # no weights (or no GPU): a tiny random model on CPU + gloo; also run uncompressed first
     # (same seed) and report the error of the compressed run against it
@@ -36,9 +36,16 @@ if _REPO not in sys.path:
 
 import compactfusion as cf  # noqa: E402
 from compactfusion import PRESETS, CompactConfig  # noqa: E402
-from compactfusion.config import MODES  # noqa: E402
+from compactfusion.config import MODES, preset_name  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _preset(name: str) -> str:
+    """The preset name, with the deprecated "sparse"/"off" replaced (and the warning shown)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("default", DeprecationWarning)
+        return preset_name(name)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attention-backend", default=None,
                    help="diffusers attention backend (default: _native_cudnn on CUDA, "
                         "_native_flash on CPU, when ring attention needs the LSE)")  # fmt: skip
-    p.add_argument("--preset", default="int2", choices=sorted(PRESETS), help="compactfusion preset")
+    p.add_argument("--preset", default="int2", type=_preset, choices=sorted(PRESETS),
+                   help="compactfusion preset (a codec's name)")  # fmt: skip
     p.add_argument("--mode", default="allgather", choices=MODES, help="ring-attention strategy")
     p.add_argument("--off", action="store_true", help="plain diffusers: nothing is patched")
     p.add_argument("--compare", action="store_true",
@@ -163,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ring": args.ring,
         "ulysses": args.ulysses,
         "dtype": args.dtype,
-        "config": None if args.off else config.to_dict(),
+        "config": None if args.off else config.as_dict(),
         "versions": {p: importlib.metadata.version(p) for p in ("torch", "diffusers")},
     }
     reference = None

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -26,9 +25,10 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without installing
 
+from compactfusion.metrics import psnr  # noqa: E402
 from compactfusion.testing import spawn_ranks  # noqa: E402
 
-RUNS = [("uncompressed", "off"), ("int2", "int2"), ("int1", "int1")]
+RUNS = [("uncompressed", "raw"), ("int2", "int2"), ("int1", "int1")]
 
 
 def _rank(rank: int, world: int, steps: int, size: int, head_dim: int):
@@ -56,11 +56,6 @@ def _rank(rank: int, world: int, steps: int, size: int, head_dim: int):
             st = cf.stats(pipe)
         results[label] = {"image": image.float(), "stats": st, "seconds": total}
     return results
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = float(((a - b) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
 def save_png(image: torch.Tensor, path: str) -> None:

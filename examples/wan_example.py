@@ -123,7 +123,7 @@ def main() -> None:
             "ring": ring,
             "ulysses": ulysses,
             "sizes": sizes,
-            "compactfusion": None if config is None else config.to_dict(),
+            "compactfusion": None if config is None else config.as_dict(),
             "stats": stats,
         }
         with open(os.path.join(args.output_dir, "stats.json"), "w") as f:

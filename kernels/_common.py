@@ -19,6 +19,7 @@ import triton.language as tl
 from compactfusion.codecs.base import (
     DTYPE_CODES,
     PayloadError,
+    aligned_payload,
     encode_header,
     header_nbytes,
     rows_cols,
@@ -152,10 +153,11 @@ def checked_payload(codec, payload, shape: tuple[int, ...], dtype, total: int) -
     """Validate a received payload for a base of ``shape``/``dtype``; return it 16-byte aligned.
 
     The size is always checked; the header only on CPU, where reading it back is free (on CUDA
-    that would cost a device-to-host sync per call).
+    that would cost a device-to-host sync per call). As in the reference codecs, a
+    non-contiguous payload raises ``PayloadError`` and a misaligned one is copied
+    (``compactfusion.codecs.base.aligned_payload``).
     """
-    if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or payload.dim() != 1:
-        raise PayloadError("a payload must be a 1-D torch.uint8 tensor")
+    payload = aligned_payload(payload)
     if payload.numel() != total:
         raise PayloadError(
             f"{codec.name} payload for shape {shape} {dtype} must be {total} bytes, "
@@ -167,8 +169,6 @@ def checked_payload(codec, payload, shape: tuple[int, ...], dtype, total: int) -
             raise PayloadError(
                 f"payload describes a {pshape} {pdtype} tensor but the base is {shape} {dtype}"
             )
-    if payload.stride(0) != 1 or payload.data_ptr() % 16:
-        payload = payload.clone()  # the typed section views need 16-byte alignment
     return payload
 
 

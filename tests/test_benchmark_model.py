@@ -34,7 +34,7 @@ TOY = model.Workload(
     steps=10, a2a_calls=2,
 )  # fmt: skip
 # 1 GB/s, no latency; the auto policy is told the same 1 GB/s.
-SLOW = model.Link("slow", "slow", nominal_gbps=1.0, gbps=1.0, latency_us=0.0, policy_link=1.0)
+SLOW = model.LinkModel("slow", "slow", nominal_gbps=1.0, gbps=1.0, latency_us=0.0, policy_link=1.0)
 # 10 ms of compute per step and rank on 2 GPUs: 8 ms linear + 2 ms attention.
 COMPUTE = model.Compute(linear_s=0.016, attn_s=0.004, source="test")
 
@@ -84,7 +84,7 @@ def test_hand_computed_two_gpu_case():
     assert p["cf-int2-stale"].comm_s == pytest.approx(0.0, abs=1e-15)
     assert p["cf-int2-stale"].bytes_per_step == p["cf-int2"].bytes_per_step
     # On a link 100x slower the transfers dominate: step = 2 layers x payload / 10 MB/s.
-    crawl = model.Link("crawl", "crawl", 0.01, 0.01, 0.0, 0.01)
+    crawl = model.LinkModel("crawl", "crawl", 0.01, 0.01, 0.0, 0.01)
     q = _by_method(model.predict(TOY, 2, crawl, COMPUTE, timing))
     assert q["cf-int2-stale"].step_s == pytest.approx(2 * payload / 1e7, rel=1e-12)
     # auto at 1 GB/s: 2.1 ms raw vs ~0.27 ms + ~4 us of codec work -> compress.
@@ -95,7 +95,7 @@ def test_hand_computed_two_gpu_case():
 def test_auto_sends_raw_on_a_fast_link():
     # At 1000 GB/s the raw transfer (2.1 us) is cheaper than the codec work (~4.4 us at the
     # 2400 GB/s planning throughput): the policy keeps raw.
-    fast = model.Link("fast", "fast", 1000.0, 1000.0, 0.0, 1000.0)
+    fast = model.LinkModel("fast", "fast", 1000.0, 1000.0, 0.0, 1000.0)
     p = _by_method(model.predict(TOY, 2, fast, COMPUTE, model.CodecTiming()))
     assert p["auto"].choice == "raw"
     assert p["auto"].step_s == p["allgather"].step_s
@@ -103,7 +103,7 @@ def test_auto_sends_raw_on_a_fast_link():
 
 
 def test_four_gpus_latency_and_ulysses_divisibility():
-    link = model.Link("l", "l", 10.0, 10.0, latency_us=10.0, policy_link=10.0)
+    link = model.LinkModel("l", "l", 10.0, 10.0, latency_us=10.0, policy_link=10.0)
     m = 1024 * 2 * 256 * 2  # 1024 tokens per rank
     assert model.t_allgather(m, 4, link) == pytest.approx(3 * (1e-5 + m / 1e10), rel=1e-12)
     assert model.t_all_to_all(m, 4, link, calls=2) == pytest.approx(
@@ -119,8 +119,12 @@ def test_workload_shapes_and_flops():
     flux, cog = model.WORKLOADS["flux"], model.WORKLOADS["cogvideox"]
     # FLUX: (4096 image + 512 text) / 2 tokens x K,V x 3072 channels.
     assert flux.kv_numel(2) == 2304 * 2 * 3072
-    assert flux.kv_matrix_shape(2, "int2") == (2304, 6144)
-    assert flux.kv_matrix_shape(2, "lowrank") == (2304, 6144)
+    assert flux.kv_matrix_shape(2) == (2304, 6144)
+    # The same matrix the integrations hand every codec (meta tensors: shapes only).
+    from compactfusion.integrations.strategies import local_kv
+
+    k = torch.empty(1, flux.heads, flux.local_tokens(2), flux.head_dim, device="meta")
+    assert tuple(local_kv(None, k, k).shape) == flux.kv_matrix_shape(2)
     # CogVideoX-2b: CFG batch 2 x ceil(17550 / 4) tokens x K,V x 1920; text not sent.
     assert cog.kv_numel(4) == 2 * 4388 * 2 * 1920
     f_lin, f_attn = flux.flops_per_layer()

@@ -410,17 +410,17 @@ def test_bad_params_raise(name, kw, param):
         get_codec(name, **kw)
 
 
-def test_defaults_describe_and_header_params():
-    assert get_codec("int1").describe() == {
+def test_defaults_as_dict_and_header_params():
+    assert get_codec("int1").as_dict() == {
         "name": "int1",
         "group_size": 256,
         "channel_scale": "mean",
     }
     assert get_codec("int2", group_size=32).header_params() == (32, 1, 0, 0)
     assert get_codec("int2", channel_scale="none").header_params() == (256, 0, 0, 0)
-    assert get_codec("fp8").describe() == {"name": "fp8"}
+    assert get_codec("fp8").as_dict() == {"name": "fp8"}
     nm = get_codec("nm_sparse")
-    assert nm.describe() == {"name": "nm_sparse", "n": 1, "m": 4}
+    assert nm.as_dict() == {"name": "nm_sparse", "n": 1, "m": 4}
     assert nm.header_params() == (1, 4, 0, 0)
     assert {c: get_codec(c).codec_id for c in ("fp8", "int2", "int1", "nm_sparse")} == {
         "fp8": 1,
@@ -435,8 +435,29 @@ def test_defaults_describe_and_header_params():
         ("nm_sparse", {}),
     ]:
         codec = get_codec(name, **kw)
-        assert type(codec).from_header_params(codec.header_params()).describe() == codec.describe()
+        assert type(codec).from_header_params(codec.header_params()).as_dict() == codec.as_dict()
         assert codec.__doc__ and "Layout" in codec.__doc__
+
+
+@pytest.mark.parametrize("name", ["raw", "fp8", "int2", "int1", "nm_sparse", "lowrank"])
+def test_describe_is_a_deprecated_alias_of_as_dict(name):
+    codec = get_codec(name)
+    with pytest.warns(DeprecationWarning, match=r"describe\(\) is deprecated, use as_dict") as w:
+        old = codec.describe()
+    assert old == codec.as_dict() and old["name"] == name
+    assert [r.filename for r in w] == [__file__]
+
+
+def test_a_codec_overriding_the_old_describe_keeps_its_parameters():
+    from compactfusion.codecs.nm_sparse import NMSparseCodec
+
+    with pytest.warns(DeprecationWarning, match="overrides Codec.describe.*rename it to as_dict"):
+
+        class OldStyle(NMSparseCodec):
+            def describe(self):
+                return {"name": "old_style", "n": self.n, "m": self.m}
+
+    assert OldStyle(n=2, m=8).as_dict() == {"name": "old_style", "n": 2, "m": 8}
 
 
 # --- corrupt payloads ---------------------------------------------------------------------------

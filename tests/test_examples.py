@@ -319,8 +319,8 @@ def test_compact_flags_map_to_config(common):
     cfg = common.compact_config(_flags(), _Parser())
     assert (cfg.codec, cfg.mode, cfg.warmup_steps) == ("int2", "allgather", 1)
     cfg = common.compact_config(_flags(compact_codec="lowrank", compact_warmup=2), _Parser())
-    preset = CompactConfig.preset("lowrank")  # a preset name brings the preset's parameters
-    assert cfg.codec == "lowrank" and cfg.codec_params == preset.codec_params
+    assert cfg == CompactConfig.preset("lowrank", warmup_steps=2)  # the codec's preset
+    assert cfg.make_codec().as_dict()["factor_dtype"] == "int8"
     assert cfg.warmup_steps == 2
     cfg = common.compact_config(
         _flags(compact_codec="nm_sparse", compact_codec_params='{"n": 2, "m": 8}'), _Parser()
@@ -335,6 +335,26 @@ def test_compact_flags_map_to_config(common):
     cfg = common.compact_config(_flags(compact_policy="auto", compact_link="pcie"), _Parser())
     assert cfg.link == "pcie"
     assert common.compact_config(_flags(compact_off=True), _Parser()) is None
+
+
+@pytest.mark.parametrize("old, new", [("sparse", "nm_sparse"), ("off", "raw")])
+def test_deprecated_preset_names_as_compact_codec(common, old, new):
+    with pytest.warns(DeprecationWarning, match=f"preset '{old}' is deprecated, use '{new}'"):
+        cfg = common.compact_config(_flags(compact_codec=old, compact_mode="ring"), _Parser())
+    assert cfg == CompactConfig.preset(new, mode="ring")
+
+
+def test_diffusers_cp_example_preset_flag():
+    spec = importlib.util.spec_from_file_location(
+        "diffusers_cp_example", REPO / "examples" / "diffusers_cp_example.py"
+    )
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.parse_args(["--preset", "nm_sparse"]).preset == "nm_sparse"
+    with pytest.warns(DeprecationWarning, match="preset 'off' is deprecated, use 'raw'"):
+        assert example.parse_args(["--preset", "off"]).preset == "raw"
+    with pytest.raises(SystemExit):
+        example.parse_args(["--preset", "int3"])
 
 
 @pytest.mark.parametrize(

@@ -71,25 +71,40 @@ def test_bad_params_raise_naming_the_parameter(params, name):
         get_codec("lowrank", **params)
 
 
-def test_header_params_and_describe():
-    c = get_codec("lowrank")
+def test_header_params_and_as_dict():
+    c = get_codec("lowrank")  # defaults: rank 16, 2 iterations, int8 factors (the preset)
     assert isinstance(c, LowRankCodec) and c.codec_id == 5
-    assert c.header_params() == (16, 2, 0, 0)
-    c = get_codec("lowrank", rank=4, iters=3, factor_dtype="int8", seed=0x12345)
-    assert c.header_params() == (4, 3, 1, 0x2345)
-    assert c.describe() == {
+    assert c.header_params() == (16, 2, 1, 0)
+    assert get_codec("lowrank", factor_dtype="bf16").header_params() == (16, 2, 0, 0)
+    c = get_codec("lowrank", rank=4, iters=3, factor_dtype="bf16", seed=0x12345)
+    assert c.header_params() == (4, 3, 0, 0x2345)
+    assert c.as_dict() == {
         "name": "lowrank",
         "rank": 4,
         "iters": 3,
-        "factor_dtype": "int8",
+        "factor_dtype": "bf16",
         "seed": 0x12345,
     }
 
 
+def test_factor_dtype_travels_in_the_header():
+    """Payloads of explicit bf16 factors decode as before; a codec of the other factor dtype
+    (such as the int8 default) refuses them by their header instead of misreading them."""
+    x = _low_rank(24, 40, 3)
+    bf16, int8 = get_codec("lowrank", rank=4, factor_dtype="bf16"), get_codec("lowrank", rank=4)
+    payload = bf16.encode(x)
+    assert payload.numel() == header_nbytes(2) + 2 * 4 * (24 + 40)
+    assert _rel(get_codec("lowrank", rank=4, factor_dtype="bf16").decode(payload), x) < 1e-2
+    with pytest.raises(PayloadError, match=r"parameters \(4, 2, 0, 0\) do not match"):
+        int8.decode(payload)
+    with pytest.raises(PayloadError, match=r"parameters \(4, 2, 1, 0\) do not match"):
+        bf16.decode(int8.encode(x))
+
+
 def test_wire_ratios_and_layout():
     rows, cols, k = 1024, 3072, 16
-    bf16 = get_codec("lowrank", rank=k)
-    int8 = get_codec("lowrank", rank=k, factor_dtype="int8")
+    bf16 = get_codec("lowrank", rank=k, factor_dtype="bf16")
+    int8 = get_codec("lowrank", rank=k)  # the default
     hdr = header_nbytes(2)
     assert bf16.payload_nbytes((rows, cols), torch.bfloat16) == hdr + 2 * k * (rows + cols)
     assert int8.payload_nbytes((rows, cols), torch.bfloat16) == hdr + k * (rows + cols) + 2 * 32
@@ -101,6 +116,7 @@ def test_wire_ratios_and_layout():
     assert ratio["bf16", 4096] >= 60  # 109.7x
     assert ratio["bf16", 1024] > 47.9  # 48.0x: rank 16 bf16 factors at a FLUX ring shard
     assert ratio["int8", 1024] > 95  # 95.9x
+    assert ratio["int8", 4096] > 219  # 219.2x
     # Odd sizes: k = min(16, 5, 123) = 5 and every section starts 16-byte aligned.
     lay = int8.layout(5, 123)
     assert (lay.k, lay.q_off, lay.p_scale_off, lay.q_scale_off, lay.nbytes) == (
@@ -183,7 +199,7 @@ def test_extreme_magnitudes_fp16():
 @pytest.mark.parametrize("iters", [1, 3])
 @pytest.mark.parametrize("m", [1, 5, 8])
 def test_exact_recovery_of_rank_at_most_k(m, iters):
-    c = get_codec("lowrank", rank=8, iters=iters)
+    c = get_codec("lowrank", rank=8, iters=iters, factor_dtype="bf16")
     a = _low_rank(60, 90, m, seed=m)
     p, q = c.factorize(a)
     assert _rel(p @ q.T, a) < 1e-5  # float32 factors: exact up to rounding
@@ -278,7 +294,7 @@ def test_corrupt_and_mismatched_payloads_raise():
     for other in (
         get_codec("lowrank", rank=5),
         get_codec("lowrank", iters=3, rank=4),
-        get_codec("lowrank", rank=4, factor_dtype="int8"),
+        get_codec("lowrank", rank=4, factor_dtype="bf16"),
         get_codec("lowrank", rank=4, seed=1),
     ):
         with pytest.raises(PayloadError):
@@ -290,7 +306,7 @@ def test_corrupt_and_mismatched_payloads_raise():
     with pytest.raises(PayloadError):
         c.decode_residual(payload, torch.zeros(6, 50, dtype=torch.float16))
     wrong_rows = payload.clone()
-    wrong_rows[16] = 7  # the header's first dimension: the data no longer fits the shape
+    wrong_rows[16] = 12  # the header's first dimension: the data no longer fits the shape
     with pytest.raises(PayloadError, match="bytes"):
         c.decode(wrong_rows)
     with pytest.raises(PayloadError):

@@ -257,7 +257,7 @@ def _other_models_checks(rank, world, device):
         single = singles[kind]
         pipe = build_pipeline(kind, device=device, **degrees)
         plain = generate(pipe, kind, steps=3)
-        with cf.patched(pipe, "off"):
+        with cf.patched(pipe, "raw"):
             raw = generate(pipe, kind, steps=3)
         with cf.patched(pipe, CompactConfig(codec="int2", min_numel=0)):
             lossy = generate(pipe, kind, steps=3)
@@ -306,7 +306,7 @@ def _four_rank_checks(rank, world, device):
     ):
         pipe = build_pipeline(kind, device=device, **degrees)
         plain = generate(pipe, kind, steps=3)
-        with cf.patched(pipe, "off"):
+        with cf.patched(pipe, "raw"):
             raw = generate(pipe, kind, steps=3)
         with cf.patched(pipe, CompactConfig(codec="int2", min_numel=0, mode="ring")):
             lossy = generate(pipe, kind, steps=3)

@@ -53,7 +53,7 @@ def _modes(pipe, kind, gen):
     from compactfusion import CompactConfig
 
     plain = gen(pipe)
-    with cf.patched(pipe, "off"):
+    with cf.patched(pipe, "raw"):
         raw = gen(pipe)
     with cf.patched(pipe, CompactConfig(codec="int2", min_numel=0)):
         lossy = gen(pipe)
@@ -79,7 +79,7 @@ def _pipeline_checks(rank, world):
     int2 = CompactConfig(codec="int2", min_numel=0)
     for name, guidance in (("cfg_off", 1.0), ("cfg_on", 5.0)):
         plain = runner_generate(pipe, "wan2.1", steps=4, guidance_scale=guidance)
-        with cf.patched(pipe, "off"):
+        with cf.patched(pipe, "raw"):
             raw = runner_generate(pipe, "wan2.1", steps=4, guidance_scale=guidance)
         with cf.patched(pipe, int2):
             lossy = runner_generate(pipe, "wan2.1", steps=4, guidance_scale=guidance)
@@ -88,7 +88,7 @@ def _pipeline_checks(rank, world):
     # Two generations in a row, the second at another resolution.
     gen = lambda size: runner_generate(pipe, "wan2.1", height=size, width=size)  # noqa: E731
     plain_32, plain_48 = gen(32), gen(48)
-    with cf.patched(pipe, "off"):
+    with cf.patched(pipe, "raw"):
         res["two_gens_raw"] = max(rel(gen(32), plain_32), rel(gen(48), plain_48))
     with cf.patched(pipe, int2):
         a, b = gen(32), gen(48)
@@ -128,7 +128,7 @@ def _pipeline_checks(rank, world):
         calls = sorted({site["calls"] for site in cf.stats(pipe)["sites"].values()})
         cf.unpatch(pipe)
         plain = runner_generate(pipe, "flux2", steps=steps)
-        with cf.patched(pipe, "off"):
+        with cf.patched(pipe, "raw"):
             raw = runner_generate(pipe, "flux2", steps=steps)
         res[f"fbcache {degrees}"] = dict(
             raw=rel(raw, plain),
@@ -197,6 +197,17 @@ def test_runner_pipelines_two_ranks():
 
 
 # --------------------------------------------------------------------------------------------
+def _aot_eager_compile():
+    """``torch.compile`` with the aot_eager backend while the block runs (xfuser's runner
+    calls ``torch.compile(component, mode=..., dynamic=...)``)."""
+    import functools
+    from unittest import mock
+
+    return mock.patch.object(
+        torch, "compile", functools.partial(torch.compile, backend="aot_eager")
+    )
+
+
 def _runner_model_checks(rank, world, path):
     _setup()
     import compactfusion as cf
@@ -206,15 +217,22 @@ def _runner_model_checks(rank, world, path):
 
     res: dict = {}
     inputs = {"prompt": "a cat", "num_inference_steps": 4, "height": 32, "width": 32,
-              "num_frames": 5, "guidance_scale": 1.0, "seed": 1}  # fmt: skip
-    # The runner refuses torch.compile with compression clearly, before loading anything.
+              "num_frames": 5, "guidance_scale": 1.0, "guidance_scale_2": 1.0,
+              "seed": 1}  # fmt: skip
+    # --use_torch_compile: the runner compiles the patched transformers and warms them up
+    # (aot_eager instead of inductor: the same dynamo tracing of the exchange, quicker).
     compiled = local_runner_model("wan2.2", path, ulysses_degree=2, use_torch_compile=True)
-    try:
-        patch_when_initialized(compiled, CompactConfig())
-        res["compile_error"] = None
-    except NotImplementedError as exc:
-        res["compile_error"] = str(exc)
-
+    patch_when_initialized(compiled, CompactConfig(codec="int2", min_numel=0))
+    with _aot_eager_compile():
+        compiled.initialize(
+            compiled.preprocess_args(dict(inputs, dataset_path=None, input_images=[]))
+        )
+    res["compiled_class"] = type(compiled.pipe.transformer).__name__
+    compiled.pipe.to(torch.float32)
+    with torch.no_grad():
+        compiled_int2 = runner_generate(compiled.pipe, "wan2.2", steps=4)
+    res["compiled_verify"] = cf.verify_bases(compiled)
+    cf.unpatch(compiled)
     model = local_runner_model("wan2.2", path, ulysses_degree=2)
     patch_when_initialized(model, CompactConfig(codec="int2", min_numel=0))
     model.initialize(model.preprocess_args(dict(inputs, dataset_path=None, input_images=[])))
@@ -234,9 +252,10 @@ def _runner_model_checks(rank, world, path):
     cf.unpatch(model)
     res["patched_after_unpatch"] = (cf.is_patched(model), cf.is_patched(pipe))
     plain = runner_generate(pipe, "wan2.2", steps=4)
-    with cf.patched(model, "off"):
+    with cf.patched(model, "raw"):
         raw = runner_generate(pipe, "wan2.2", steps=4)
     res["raw"], res["int2"] = rel(raw, plain), rel(lossy, plain)
+    res["compiled_int2"] = rel(compiled_int2, plain)
     res["unpatched_equal"] = torch.equal(runner_generate(pipe, "wan2.2", steps=4), plain)
     return res
 
@@ -248,7 +267,9 @@ def test_runner_model_class_wan22(tmp_path):
     path = save_tiny_checkpoint("wan2.2", tmp_path / "tiny-wan2.2")
     results = spawn_ranks(_runner_model_checks, 2, str(path), timeout=380)
     for res in results:
-        assert "use_torch_compile" in res["compile_error"]
+        assert res["compiled_class"] == "OptimizedModule"
+        assert res["compiled_verify"]["agree"] and res["compiled_verify"]["sites_checked"] > 0
+        assert 0 < res["compiled_int2"] <= 2 * res["int2"], res
         assert res["patched_after_initialize"] == (True, True)
         assert res["pipeline_class"] == "WanPipeline"
         assert any(s.startswith("transformer_2.") for s in res["layers"]), res["layers"]

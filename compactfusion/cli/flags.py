@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from typing import Any
 
 from ..codecs import available_codecs
-from ..config import LINK_HINTS, MODES, POLICIES, PRESETS, CompactConfig
+from ..config import LINK_HINTS, MODES, POLICIES, PRESETS, CompactConfig, preset_name
 
 COMPACT_DESTS = (
     "compact_codec",
@@ -33,8 +34,12 @@ def flag(group, name: str, **kwargs) -> None:
 def add_compact_flags(parser: argparse.ArgumentParser) -> None:
     """Add the ``compactfusion`` argument group to ``parser``."""
     group = parser.add_argument_group("compactfusion")
-    names = sorted(set(available_codecs()) | set(PRESETS))
-    flag(group, "compact-codec", default=None, help=f"codec or preset: {names} (default: int2)")
+    flag(
+        group,
+        "compact-codec",
+        default=None,
+        help=f"codec (its preset): {available_codecs()} (default: int2)",
+    )
     flag(
         group,
         "compact-codec-params",
@@ -79,7 +84,9 @@ def compact_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
         if args.compact_compare:
             parser.error("--compact-compare compares with compactfusion on: drop --compact-off")
         return None
-    codec = args.compact_codec or "int2"
+    with warnings.catch_warnings():  # a command-line user sees the deprecation of "sparse"/"off"
+        warnings.simplefilter("default", DeprecationWarning)
+        codec = preset_name(args.compact_codec or "int2")
     fields: dict[str, Any] = {"mode": args.compact_mode, "policy": args.compact_policy}
     if args.compact_warmup is not None:
         fields["warmup_steps"] = args.compact_warmup

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         patch_when_initialized(runner.model, config)
     runner.initialize(input_args)
 
-    report: dict[str, Any] = {"compactfusion": None if config is None else config.to_dict()}
+    report: dict[str, Any] = {"compactfusion": None if config is None else config.as_dict()}
     if namespace.profile:
         _, _, profile = runner.profile(input_args)
         runner.save(profile=profile)

@@ -240,7 +240,7 @@ class GroupedCodec(Codec):
             raise ValueError(f"unknown channel_scale code {params[1]} in header parameters")
         return cls(group_size=params[0], channel_scale=names[params[1]])
 
-    def describe(self) -> dict[str, Any]:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "group_size": self.group_size,

@@ -43,6 +43,7 @@ import contextvars
 import functools
 import math
 import struct
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import Any, ClassVar
@@ -125,9 +126,31 @@ class Codec(ABC):
         """Four uint16 parameters stored in the header (checked again on decode)."""
         return (0, 0, 0, 0)
 
-    def describe(self) -> dict[str, Any]:
-        """Plain-dict description (name and parameters), used for config fingerprints."""
+    def as_dict(self) -> dict[str, Any]:
+        """Plain-dict form (name and parameters), used for config fingerprints and stats."""
         return {"name": self.name}
+
+    def describe(self) -> dict[str, Any]:
+        """Deprecated name of :meth:`as_dict` (removed in the next release)."""
+        warnings.warn(
+            f"{type(self).__name__}.describe() is deprecated, use as_dict()",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.as_dict()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # A codec written against the old name overrides ``describe``: use it as ``as_dict``
+        # (warning once, at class creation) instead of silently reporting no parameters.
+        if "describe" in cls.__dict__ and "as_dict" not in cls.__dict__:
+            warnings.warn(
+                f"{cls.__qualname__} overrides Codec.describe(), which is deprecated: rename "
+                "it to as_dict()",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            cls.as_dict = cls.__dict__["describe"]
 
     def new_state(self) -> Any:
         """Per-call-site codec state (``None`` for stateless codecs)."""
@@ -180,10 +203,25 @@ class Codec(ABC):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode ``x``; also return the float32 matrix the receiver will decode.
 
-        ``dtype`` is the dtype recorded in the header (default ``x.dtype``): a residual is
-        computed in float32 but decodes into the activation's dtype.
+        ``dtype`` is the dtype recorded in the header (default ``x.dtype``), the dtype
+        ``decode`` returns. A lossy codec raises :class:`NonFiniteInput` when ``x`` holds inf
+        or nan, or when the reconstruction would not be finite in ``dtype`` (finite values
+        near the dtype's maximum can round up to a scale or level beyond it), so ``decode``
+        never turns finite input into inf; inside :func:`deferred_checks` the outcome is
+        recorded instead (no host read). A lossless codec (``raw``) sends any value as it is.
         """
         dtype = x.dtype if dtype is None else dtype
+        payload, recon = self._encode_unchecked(x, state, dtype)
+        if not self.lossless:
+            check_fits(recon, dtype, self.name)
+        return payload, recon
+
+    def _encode_unchecked(
+        self, x: torch.Tensor, state: Any, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``encode_with_reconstruction`` without the range check of the reconstruction (inf
+        and nan in ``x`` are still refused): a residual may exceed ``dtype`` while the sum
+        with its base does not, which is what ``encode_residual`` checks."""
         check_dtype(dtype)
         check_dtype(x.dtype)
         shape = tuple(x.shape)
@@ -207,7 +245,7 @@ class Codec(ABC):
         """
         base_float = base.float()
         r = x.to(torch.float32, copy=True).sub_(base_float)  # in place: fewer fresh pages
-        payload, recon = self.encode_with_reconstruction(r.reshape(x.shape), state, x.dtype)
+        payload, recon = self._encode_unchecked(r.reshape(x.shape), state, x.dtype)
         total = base_float.reshape(recon.shape) + recon
         check_fits(total, base.dtype, self.name)
         return payload, total.to(base.dtype).reshape(base.shape)
@@ -253,12 +291,14 @@ class Codec(ABC):
         self, payload: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype
     ) -> torch.Tensor:
         """The data section of a payload this codec encoded for ``shape``/``dtype``, sliced
-        without reading the header (its size is checked)."""
+        without reading the header (its size is checked; a non-contiguous payload raises
+        :class:`PayloadError` and a misaligned one is copied, see :func:`aligned_payload`)."""
         need = self.payload_nbytes(shape, dtype)
-        if payload.dtype != torch.uint8 or payload.dim() != 1 or payload.numel() != need:
+        payload = aligned_payload(payload)
+        if payload.numel() != need:
             raise PayloadError(
                 f"{self.name} payload for shape {tuple(shape)} {dtype} must be a 1-D uint8 "
-                f"tensor of {need} bytes, got {tuple(payload.shape)} {payload.dtype}"
+                f"tensor of {need} bytes, got {payload.numel()}"
             )
         hdr = header_nbytes(len(shape))
         rows, cols = rows_cols(shape)
@@ -295,7 +335,11 @@ class Codec(ABC):
         return payload
 
     def parse(self, payload: torch.Tensor) -> tuple[tuple[int, ...], torch.dtype, torch.Tensor]:
-        """Validate a payload for this codec; return ``(shape, dtype, data)``."""
+        """Validate a payload for this codec; return ``(shape, dtype, data)``.
+
+        A non-contiguous payload raises :class:`PayloadError`; a misaligned one is copied
+        (see :func:`aligned_payload`)."""
+        payload = aligned_payload(payload)
         codec_id, dtype, shape, params, hdr = decode_header(payload)
         if codec_id != self.codec_id:
             raise PayloadError(
@@ -453,6 +497,42 @@ def device_header(
     """:func:`encode_header` built once per (codec, dtype, shape, params, device) and cached
     on ``device`` (immutable bytes shared by every caller: never modify the result)."""
     return _device_header(codec_id, dtype, tuple(shape), tuple(params), torch.device(device))
+
+
+def aligned_payload(payload: torch.Tensor) -> torch.Tensor:
+    """``payload`` laid out for decoding: a contiguous 1-D ``uint8`` tensor starting at a
+    multiple of ``ALIGN`` (16) bytes, so that every data section can be viewed as bf16, fp16
+    or fp32.
+
+    Every decoder calls it first (no host read: it looks at the tensor's metadata only):
+
+    * a payload that is not a 1-D ``uint8`` tensor, or not contiguous (``p[::2]``, a column
+      of a byte matrix), raises :class:`PayloadError`: a payload is one buffer of bytes, and
+      a strided view of one is almost always a slicing mistake (``p[::2]`` holds every other
+      byte), so it is refused rather than silently copied; call ``.contiguous()`` first when
+      the view's elements really are the payload's bytes in order;
+    * a contiguous payload that starts at an address that is not a multiple of ``ALIGN``
+      (e.g. a slice at an odd offset of a larger receive buffer) holds the right bytes in
+      order: it is copied once into a fresh, aligned tensor, and decodes exactly as the
+      original. The compressed collectives never pay for it: their payloads are rows of
+      fresh receive buffers, and every payload size is a multiple of ``ALIGN``.
+    """
+    if not isinstance(payload, torch.Tensor):
+        raise PayloadError(f"a payload must be a torch.uint8 tensor, got {type(payload).__name__}")
+    if payload.dtype != torch.uint8 or payload.dim() != 1:
+        raise PayloadError(
+            f"a payload must be a 1-D torch.uint8 tensor, got {tuple(payload.shape)} "
+            f"{payload.dtype}"
+        )
+    if payload.numel() > 1 and payload.stride(0) != 1:
+        raise PayloadError(
+            f"a payload must be a contiguous buffer, got a view with stride "
+            f"{payload.stride(0)} (as p[::2] makes); pass the buffer the payload was received "
+            "into, or .contiguous() if the view's elements are the payload's bytes in order"
+        )
+    if payload.data_ptr() % ALIGN:
+        return payload.clone()
+    return payload
 
 
 def payload_flags(payload: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,7 @@ class Fp8Codec(Codec):
         """The codec whose ``header_params()`` are ``params`` (fp8 has none)."""
         return cls()
 
-    def describe(self) -> dict[str, Any]:
+    def as_dict(self) -> dict[str, Any]:
         return {"name": self.name}
 
     def __repr__(self) -> str:

@@ -74,7 +74,7 @@ class NMSparseCodec(Codec):
         """The codec whose ``header_params()`` are ``params``."""
         return cls(n=params[0], m=params[1])
 
-    def describe(self) -> dict[str, Any]:
+    def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "n": self.n, "m": self.m}
 
     def __repr__(self) -> str:

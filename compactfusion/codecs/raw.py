@@ -26,13 +26,12 @@ class RawCodec(Codec):
         return rows * cols * dtype.itemsize
 
     def _encode_rows(self, r: torch.Tensor, dtype: torch.dtype, state: Any):
-        raise NotImplementedError  # encode_with_reconstruction is overridden
+        raise NotImplementedError  # _encode_unchecked is overridden
 
     def _decode_rows(self, data, rows, cols, dtype):
         return data.view(dtype).reshape(rows, cols).float()
 
-    def encode_with_reconstruction(self, x, state=None, dtype=None):
-        dtype = x.dtype if dtype is None else dtype
+    def _encode_unchecked(self, x, state, dtype):
         shape = tuple(x.shape)
         self.payload_nbytes(shape, dtype)  # validates dtype and shape
         rows, cols = (1, 1) if not shape else (x.numel() // shape[-1], shape[-1])

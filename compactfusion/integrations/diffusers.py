@@ -11,7 +11,8 @@ What is patched (all undone by ``unpatch``):
 - ``diffusers.models.attention_dispatch``'s ``TemplatedRingAttention``,
   ``TemplatedUlyssesAttention`` and ``SeqAllToAllDim`` are replaced while any model is patched
   (reference counted) by subclasses that compress only the calls of a patched pipeline running
-  in the current context (:mod:`.diffusers_attention`).
+  in the current context, and during each of its generations by the pipeline's own subclasses
+  (one compiled graph per patched pipeline under torch.compile; :mod:`.diffusers_attention`).
 - Forward hooks on every attention module (the layer name, e.g. ``"transformer_blocks.0.attn"``,
   qualified by the guidance branch of ``cache_context("cond"/"uncond")``) and on each
   transformer (one call is one step).
@@ -172,11 +173,13 @@ def patch_diffusers(obj: Any, config: CompactConfig) -> DiffusersState:
                 _install_generation_guard(state, m)
             else:
                 setattr(m, _OWNER_ATTR, True)
-                state.hooks.append(_AttributeRemoval(m, _OWNER_ATTR))
+                state.hooks.append(tracking.AttributeRemoval(m, _OWNER_ATTR))
         Swap.acquire()
     except Exception:
         tracking.remove_hooks(state)
         raise
+    classes = Swap.bound_classes(state)
+    state.bind = lambda: Swap.bound(classes)
     if not is_model:
         obj.__class__ = patched_call_class(type(obj))
     setattr(obj, STATE_ATTR, state)
@@ -207,14 +210,3 @@ def _install_generation_guard(state: DiffusersState, model: torch.nn.Module) -> 
             )
 
     state.hooks.append(model.register_forward_pre_hook(guard))
-
-
-class _AttributeRemoval:
-    """A hook-like handle whose ``remove()`` deletes an attribute set by the adapter."""
-
-    def __init__(self, obj, name: str):
-        self.obj, self.name = obj, name
-
-    def remove(self) -> None:
-        if self.name in vars(self.obj):
-            delattr(self.obj, self.name)

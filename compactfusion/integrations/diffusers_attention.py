@@ -28,8 +28,9 @@ tokens in diffusers' plans, so there are no replicated joint tokens (``with_join
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -59,15 +60,6 @@ def dispatch_module():
     from diffusers.models import attention_dispatch
 
     return attention_dispatch
-
-
-def _state_for(parallel_config) -> DiffusersState | None:
-    """The running patched state that owns this call, or None (diffusers' own path)."""
-    state = tracking.active_state()
-    if not isinstance(state, DiffusersState) or parallel_config is None:
-        return None
-    cp = parallel_config.context_parallel_config
-    return state if any(cp is c for c in state.cp_configs) else None
 
 
 def _note(state: DiffusersState, key: str, message: str) -> None:
@@ -216,56 +208,62 @@ def ulysses_attention(state: DiffusersState, ctx, call: AttentionCall):
 # --------------------------------------------------------------------------------------------
 # The replacement classes and the reference-counted swap of the module globals
 # --------------------------------------------------------------------------------------------
-# Under torch.compile the replacements run eagerly: the compressed exchange (payload headers,
-# host reads, ContextVar lookups) is not traceable yet, and tracing into it fragments the graph
-# and recompiles on every new header. So each context-parallel attention call is one graph
-# break while a model is patched; unpatched, diffusers' own classes are back and compile whole.
-_eager = torch.compiler.disable
+# Two sets of replacements, as in the xfuser adapter. The shared classes stay installed while
+# any model is patched and find the running patched pipeline through a ContextVar (eager mode
+# only; a compiled unpatched model traces diffusers' own forward through them). While one of
+# its generations runs, a patched pipeline's own classes (bound to its state, made once per
+# pipeline) are installed instead: under torch.compile dynamo traces their forward with the
+# state as a constant, the exchange being compactfusion's custom ops (``compactfusion.ops``),
+# and guards the module global, so the pipeline gets its own graph.
+def _owner(bound: DiffusersState | None, parallel_config) -> DiffusersState | None:
+    """The patched state that compresses this call, or None (diffusers' own path)."""
+    if torch.compiler.is_compiling():
+        state = bound
+    else:
+        state = tracking.active_state()
+    if not isinstance(state, DiffusersState) or parallel_config is None:
+        return None
+    cp = parallel_config.context_parallel_config
+    return state if any(cp is c for c in state.cp_configs) else None
 
 
-def _ring_class(base: type) -> type:
-    class CompactRingAttention(base):
-        """diffusers' ring attention; compressed while a patched pipeline runs."""
+def _attention_class(base: type, bound: DiffusersState | None, name: str, compress) -> type:
+    """A subclass of diffusers' templated attention ``base`` whose ``forward`` runs
+    ``compress(state, ctx, call)`` for the calls of a patched pipeline and ``base.forward``
+    for every other call."""
 
-        @staticmethod
-        @_eager
-        def forward(ctx, *args):
-            call = AttentionCall(*args)
-            state = _state_for(call.parallel_config)
-            if state is None:
-                return base.forward(ctx, *args)
-            if call.return_lse:  # no diffusers model asks for it; the strategies return no LSE
-                _note(state, "ring_lse", "ring attention asked for its LSE: sent uncompressed")
-                return base.forward(ctx, *args)
-            return ring_attention(state, ctx, call)
+    def forward(ctx, *args):
+        call = AttentionCall(*args)
+        state = _owner(bound, call.parallel_config)
+        if state is None:
+            return base.forward(ctx, *args)
+        return compress(state, ctx, call)
 
-    return CompactRingAttention
+    doc = f"diffusers' {base.__name__}; compressed while a patched pipeline runs."
+    return type(name, (base,), {"forward": staticmethod(forward), "__doc__": doc})
 
 
-def _ulysses_class(base: type) -> type:
-    class CompactUlyssesAttention(base):
-        """diffusers' Ulysses attention; compressed while a patched pipeline runs."""
+def _ring_class(base: type, bound: DiffusersState | None = None) -> type:
+    def compress(state, ctx, call):
+        if call.return_lse:  # no diffusers model asks for it; the strategies return no LSE
+            _note(state, "ring_lse", "ring attention asked for its LSE: sent uncompressed")
+            return base.forward(ctx, *call)
+        return ring_attention(state, ctx, call)
 
-        @staticmethod
-        @_eager
-        def forward(ctx, *args):
-            call = AttentionCall(*args)
-            state = _state_for(call.parallel_config)
-            if state is None:
-                return base.forward(ctx, *args)
-            return ulysses_attention(state, ctx, call)
-
-    return CompactUlyssesAttention
+    return _attention_class(base, bound, "CompactRingAttention", compress)
 
 
-def _seq_all_to_all_class(base: type) -> type:
+def _ulysses_class(base: type, bound: DiffusersState | None = None) -> type:
+    return _attention_class(base, bound, "CompactUlyssesAttention", ulysses_attention)
+
+
+def _seq_all_to_all_class(base: type, bound: DiffusersState | None = None) -> type:
     class CompactSeqAllToAllDim(base):
         """The unified mode's Ulysses all-to-all; compressed while a patched pipeline runs."""
 
         @staticmethod
-        @_eager
         def forward(ctx, group, input, scatter_id=2, gather_id=1):
-            state = tracking.active_state()
+            state = bound if torch.compiler.is_compiling() else tracking.active_state()
             if (
                 not isinstance(state, DiffusersState)
                 or not any(group is g for g in state.ulysses_groups)
@@ -284,7 +282,7 @@ def _seq_all_to_all_class(base: type) -> type:
     return CompactSeqAllToAllDim
 
 
-_FACTORIES: dict[str, Callable[[type], type]] = {
+_FACTORIES: dict[str, Callable[..., type]] = {
     "TemplatedRingAttention": _ring_class,
     "TemplatedUlyssesAttention": _ulysses_class,
     "SeqAllToAllDim": _seq_all_to_all_class,
@@ -305,6 +303,25 @@ class Swap:
             for name, original in cls.originals.items():
                 setattr(module, name, _FACTORIES[name](original))
         cls.users += 1
+
+    @classmethod
+    def bound_classes(cls, state: DiffusersState) -> dict[str, type]:
+        """``state``'s own replacement classes (call while the swap is held)."""
+        return {name: _FACTORIES[name](original, state) for name, original in cls.originals.items()}
+
+    @classmethod
+    @contextlib.contextmanager
+    def bound(cls, classes: dict[str, type]) -> Iterator[None]:
+        """Install one pipeline's own classes for the duration of a generation."""
+        module = dispatch_module()
+        saved = {name: getattr(module, name) for name in classes}
+        for name, replacement in classes.items():
+            setattr(module, name, replacement)
+        try:
+            yield
+        finally:
+            for name, previous in saved.items():
+                setattr(module, name, previous)
 
     @classmethod
     def release(cls) -> None:

@@ -10,8 +10,7 @@ users who run their own denoising loop around a patched transformer mark them wi
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 from . import tracking
 from .state import STATE_ATTR, PipelineState
@@ -20,7 +19,8 @@ from .state import STATE_ATTR, PipelineState
 @contextlib.contextmanager
 def generation_of(state: PipelineState) -> Iterator[PipelineState]:
     """Start a generation of ``state``'s pipeline (configs checked across ranks once, bases
-    forgotten) and mark it as running in this context until the block ends. With
+    forgotten) and mark it as running in this context until the block ends, with the
+    adapter's own replacements (``state.bind``) installed meanwhile. With
     ``CompactConfig(verify=True)`` the bases are compared across ranks when the block ends
     normally (``BaseDivergenceError`` on every rank if any differ).
 
@@ -30,7 +30,8 @@ def generation_of(state: PipelineState) -> Iterator[PipelineState]:
     with state.compressor.held():
         state.ensure_checked()
         state.new_generation()
-        with tracking.running(state):
+        bound = state.bind() if state.bind is not None else contextlib.nullcontext()
+        with tracking.running(state), bound:
             yield state
         if state.config.verify:  # every rank compares its bases; raises on all of them
             from ..verify import check_state
@@ -38,17 +39,13 @@ def generation_of(state: PipelineState) -> Iterator[PipelineState]:
             check_state(state)
 
 
-def patched_call_class(cls: type, around: Callable[[PipelineState], Any] | None = None) -> type:
+def patched_call_class(cls: type) -> type:
     """A subclass of the pipeline class ``cls`` whose ``__call__`` is one generation of the
-    state attached to the instance (``STATE_ATTR``), inside ``around(state)`` (a context
-    manager an adapter may add, e.g. installing that pipeline's own function replacements).
-    Assigned to ``pipe.__class__`` by an adapter, and undone by assigning the original class
-    back."""
+    state attached to the instance (``STATE_ATTR``). Assigned to ``pipe.__class__`` by an
+    adapter, and undone by assigning the original class back."""
 
     def __call__(self, *args, **kwargs):
-        state = getattr(self, STATE_ATTR)
-        inner = around(state) if around is not None else contextlib.nullcontext()
-        with generation_of(state), inner:
+        with generation_of(getattr(self, STATE_ATTR)):
             return cls.__call__(self, *args, **kwargs)
 
     namespace = {"__call__": __call__, "__module__": cls.__module__, "__doc__": cls.__doc__}

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,10 @@ class PipelineState:
     # Undo information (what the adapter changed).
     original_class: type | None = None
     hooks: list = field(default_factory=list)
+    # The adapter's context manager that installs this pipeline's own replacements of the
+    # framework's functions while one of its generations runs (compiled graphs specialise
+    # to them; see xdit's ``_Bound``); None when the adapter has none.
+    bind: Callable[[], AbstractContextManager] | None = None
     # Parallel layout, read once at patch time.
     ring_world: int = 1
     ulysses_world: int = 1
@@ -69,6 +74,11 @@ class PipelineState:
         from ..ops import register
 
         self.handle = register(self.compressor)
+
+    def pipeline_states(self) -> list[PipelineState]:
+        """The states behind this patched object: itself (an xfuser runner model's state
+        lists its pipelines' states)."""
+        return [self]
 
     def retains_gathered(self, site: Hashable) -> bool:
         """Whether the gathered K/V buffer of ``site`` must persist to the next step: only
@@ -108,7 +118,7 @@ class PipelineState:
         differently configured ranks fail together, never hang."""
         if self.checked:
             return
-        codec = self.compressor.codec.describe()
+        codec = self.compressor.codec.as_dict()
         backend = requested_backend(self.config.backend)  # raises for a bad environment value
         layout = f"ring={self.ring_world},ulysses={self.ulysses_world},backend={backend}"
         policy = ""
@@ -163,7 +173,7 @@ class PipelineState:
         after, raw_after = self._after_warmup()
         st.update(
             mode=self.config.mode,
-            config=self.config.to_dict(),
+            config=self.config.as_dict(),
             ring_world=self.ring_world,
             ulysses_world=self.ulysses_world,
             generations=self.generations,

@@ -114,8 +114,9 @@ def install_step_hooks(state: PipelineState, transformer: torch.nn.Module) -> No
     state.hooks.append(transformer.register_forward_hook(step_end))
 
 
-class _AttributeRestore:
-    """A hook-like handle whose ``remove()`` deletes an instance attribute we set."""
+class AttributeRemoval:
+    """A hook-like handle whose ``remove()`` deletes an instance attribute an adapter set
+    (kept in ``PipelineState.hooks`` with the real hook handles)."""
 
     def __init__(self, obj, name: str):
         self.obj, self.name = obj, name
@@ -144,7 +145,7 @@ def install_branch_tracking(state: PipelineState, transformer: torch.nn.Module) 
             state.branch = previous
 
     transformer.cache_context = cache_context
-    state.hooks.append(_AttributeRestore(transformer, "cache_context"))
+    state.hooks.append(AttributeRemoval(transformer, "cache_context"))
 
 
 def remove_hooks(state: PipelineState) -> None:

@@ -150,7 +150,7 @@ class FunctionSwap:
     @classmethod
     @contextlib.contextmanager
     def bound(cls, replacements: dict[str, Any]) -> Iterator[None]:
-        """Install one pipeline's :class:`_Bound` replacements for the duration of its call."""
+        """Install one pipeline's :class:`_Bound` replacements for the duration of a generation."""
         _, usp, _ = xfuser_modules()
         saved = {name: getattr(usp, name) for name in replacements}
         for name, fn in replacements.items():
@@ -265,19 +265,13 @@ def _all_to_all_for(state, x):
 # Patching a pipeline instance
 # --------------------------------------------------------------------------------------------
 def bound_replacements(state: PipelineState) -> dict[str, Any]:
-    """``state``'s own replacements of xfuser's functions, installed while its pipeline's call
-    runs (see :class:`_Bound`)."""
+    """``state``'s own replacements of xfuser's functions, installed while its generations
+    run (see :class:`_Bound`). Made once per patched pipeline: dynamo guards the identity of
+    the module global, so new objects every call would recompile every generation."""
     return {
         "ring_attn": _Bound(state, _patched_ring_attn, _ring_attn_for),
         "_sdpa_all_to_all_single": _Bound(state, _patched_all_to_all_single, _all_to_all_for),
     }
-
-
-def make_patched_class(cls: type) -> type:
-    """A subclass of ``cls`` whose ``__call__`` is one generation of the state attached to the
-    instance, with that state's own replacements of xfuser's functions installed while it
-    runs (its own compiled graph under torch.compile)."""
-    return patched_call_class(cls, lambda state: FunctionSwap.bound(bound_replacements(state)))
 
 
 def patch_xdit(pipe: Any, config: CompactConfig) -> PipelineState:
@@ -306,9 +300,11 @@ def install(pipe: Any, state: PipelineState, transformers) -> PipelineState:
     except Exception:
         tracking.remove_hooks(state)
         raise
+    replacements = bound_replacements(state)
+    state.bind = lambda: FunctionSwap.bound(replacements)
     FunctionSwap.acquire()
     try:
-        pipe.__class__ = make_patched_class(type(pipe))
+        pipe.__class__ = patched_call_class(type(pipe))
     except Exception:
         FunctionSwap.release()
         tracking.remove_hooks(state)

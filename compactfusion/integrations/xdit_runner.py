@@ -202,6 +202,10 @@ class RunnerModelState:
     config: CompactConfig
     pipes: dict[str, Any] = field(default_factory=dict)  # attribute -> pipeline
 
+    def pipeline_states(self) -> list[PipelineState]:
+        """The :class:`PipelineState` of each patched pipeline, the main one first."""
+        return [getattr(pipe, STATE_ATTR) for pipe in self.pipes.values()]
+
     def stats(self) -> dict[str, Any]:
         """The main pipeline's statistics; a second pipeline's under ``"second_pipe"``."""
         main = getattr(self.pipes["pipe"], STATE_ATTR).stats()
@@ -280,20 +284,15 @@ def patch_when_initialized(model: Any, config: CompactConfig) -> None:
     """Patch ``model`` (an ``xFuserModel`` not initialised yet) at the right moment of
     ``model.initialize``: after its pipeline is loaded, placed and its runtime state
     initialised, before xfuser's FP8-communication set-up, torch.compile warm-up and step
-    caching (``--cache_method``) are applied. Refuses ``use_torch_compile`` (the compressed
-    exchange is not compile-safe yet) and ``use_fp8_comms``.
+    caching (``--cache_method``) are applied, so with ``use_torch_compile`` the runner compiles
+    (and warms up) the patched transformers, the compressed exchanges being compactfusion's
+    custom ops in the compiled graph. Refuses ``use_fp8_comms``.
     """
     if not is_runner_model(model):
         raise TypeError(f"expected one of xfuser's runner models, got {type(model).__name__}")
     if getattr(model, "pipe", None) is not None:
         raise RuntimeError("this model is already initialised: call compactfusion.patch(model)")
     runner_config = model.config
-    if getattr(runner_config, "use_torch_compile", False):
-        raise NotImplementedError(
-            "--use_torch_compile with compactfusion: the compressed exchange is not "
-            "torch.compile-safe yet (it would break the graph or be traced wrongly); run "
-            "without --use_torch_compile, or with --compact-off"
-        )
     if getattr(runner_config, "use_fp8_comms", False):
         raise ValueError(
             "xfuser's use_fp8_comms (FP8 Ulysses all-to-all) is enabled: it already quantizes "

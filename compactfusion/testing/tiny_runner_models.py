@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -437,17 +438,33 @@ def prepare_runner_cpu() -> None:
     ``xFuserModel.initialize`` places the loaded pipeline with
     ``loading.placement.place_pipeline_components``, which moves it to ``cuda:<local rank>``
     and applies GPU GEMM quantization. Without CUDA the pipeline is left where it was loaded
-    (the CPU); nothing is quantized. Refuses to run where CUDA is available.
+    (the CPU); nothing is quantized. ``xFuserModel._run_timed_pipe`` (the torch.compile
+    warm-up and timed runs) times with CUDA events; without CUDA it times with the host clock.
+    Refuses to run where CUDA is available.
     """
     if torch.cuda.is_available():
         raise RuntimeError("prepare_runner_cpu() is for CPU-only machines")
+    from xfuser.model_executor.models.runner_models import base_model
     from xfuser.model_executor.models.runner_models.loading import placement
 
     placement.place_pipeline_components = _place_on_cpu
+    base_model.xFuserModel._run_timed_pipe = _run_timed_pipe_on_cpu
 
 
 def _place_on_cpu(loader) -> None:
     """CPU replacement for xfuser's ``place_pipeline_components``: keep the pipeline as loaded."""
+
+
+def _run_timed_pipe_on_cpu(self, input_args: dict):
+    """CPU replacement for ``xFuserModel._run_timed_pipe``: the same run (replica barrier
+    first), timed with ``time.perf_counter`` instead of CUDA events."""
+    from xfuser.core.distributed import get_model_replica_group
+
+    self.prepare_run(input_args)
+    get_model_replica_group().barrier()
+    start = time.perf_counter()
+    out = self._run_pipe(input_args)
+    return out, time.perf_counter() - start
 
 
 def local_runner_model(kind: str, path: str | os.PathLike, **args: Any):
