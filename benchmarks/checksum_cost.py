@@ -23,18 +23,18 @@ the CPU, threads, load average, torch version and date.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import os
-import platform
 import statistics
+import sys
 import time
 
 import torch
 
-from compactfusion import CompactConfig, ResidualCompressor
-from compactfusion.checksum import CHECKSUM_NBYTES, payload_checksum
-from compactfusion.environment import cpu_name
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks._report import machine_stamp, write_csv  # noqa: E402
+from compactfusion import CompactConfig, ResidualCompressor  # noqa: E402
+from compactfusion.checksum import CHECKSUM_NBYTES, payload_checksum  # noqa: E402
 
 SHAPES = [(1024, 3072), (4096, 3072)]  # a FLUX K/V shard of 1024 tokens; four times that
 CODECS = ["int2", "int1", "fp8"]
@@ -155,13 +155,11 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    machine = machine_stamp(cuda=False)
     stamp = {
-        "device": cpu_name(),
+        **{name: machine[name] for name in ("device", "torch", "python", "date")},
         "threads": args.threads,
         "load1_at_start": round(os.getloadavg()[0], 1),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "date": datetime.date.today().isoformat(),
     }
     rows = []
     for codec in CODECS:
@@ -175,12 +173,7 @@ def main() -> None:
                     f"(+{row['added_pct']}%), checksum {row['checksum_ms']:.3f} ms "
                     f"= {row['checksum_gbps']} GB/s"
                 )
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "checksum_cost.csv")
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
+    path = write_csv(os.path.join(args.out, "checksum_cost.csv"), FIELDS, rows)
     print(f"wrote {path}")
 
 
