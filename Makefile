@@ -36,7 +36,8 @@ test: setup
 # ranks, no xfuser pipelines; about 20 s on 2 cores. `make test` runs everything.
 FAST_TESTS := tests/test_config.py tests/test_codec_raw.py tests/test_codecs_quantized.py \
 	tests/test_policy.py tests/test_backend.py tests/test_tracking.py tests/test_memory.py \
-	tests/test_lowrank.py tests/test_residual.py tests/test_codec_hardening.py
+	tests/test_lowrank.py tests/test_residual.py tests/test_codec_hardening.py \
+	tests/test_checksum.py tests/test_thread_safety.py tests/test_timeouts.py
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" $(FAST_TESTS)
 

@@ -151,6 +151,7 @@ def test_generations_of_one_pipeline_from_two_threads():
     assert state.generations == 2
 
 
+@pytest.mark.slow  # importing dynamo takes seconds
 def test_the_check_does_not_break_a_compiled_graph():
     import torch._dynamo
 
