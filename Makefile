@@ -29,7 +29,7 @@ codec-demo: setup
 
 # pytest exits 5 when it collects no test: treat that as a failure too.
 test: setup
-	@$(PY) -m pytest -q tests; status=$$?; \
+	@$(PY) -m pytest -q --durations=15 tests; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$status
 
 # In-process unit tests only (codecs, config, residual state, memory, tracking): no spawned
