@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 import time
 
 import pytest
@@ -208,6 +209,23 @@ def test_spawn_ranks_reports_the_failing_rank():
     with pytest.raises(RuntimeError, match=r"rank 1 of 2 failed:(.|\n)*deliberate failure"):
         spawn_ranks(_fail_on_rank_one, 2, timeout=60)
     assert time.monotonic() - start < 30
+
+
+def _rank_one_fails_then_rank_zero_dies(rank: int, world_size: int) -> None:
+    if rank == 1:
+        raise RuntimeError("connection closed by peer (stand-in)")
+    time.sleep(0.5)
+    os._exit(7)
+
+
+def test_spawn_ranks_reports_what_the_other_ranks_did():
+    """The first failure to arrive is often a consequence (a peer died): the error also
+    carries the other ranks' reports and exit codes."""
+    with pytest.raises(RuntimeError) as info:
+        spawn_ranks(_rank_one_fails_then_rank_zero_dies, 2, timeout=60)
+    message = str(info.value)
+    assert "rank 1 of 2 failed" in message and "stand-in" in message
+    assert "rank 0 exited with code 7 without reporting" in message
 
 
 def test_spawn_ranks_times_out():

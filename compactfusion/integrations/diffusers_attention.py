@@ -313,15 +313,8 @@ class Swap:
     @contextlib.contextmanager
     def bound(cls, classes: dict[str, type]) -> Iterator[None]:
         """Install one pipeline's own classes for the duration of a generation."""
-        module = dispatch_module()
-        saved = {name: getattr(module, name) for name in classes}
-        for name, replacement in classes.items():
-            setattr(module, name, replacement)
-        try:
+        with tracking.attributes_set(dispatch_module(), classes):
             yield
-        finally:
-            for name, previous in saved.items():
-                setattr(module, name, previous)
 
     @classmethod
     def release(cls) -> None:

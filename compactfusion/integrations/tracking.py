@@ -67,6 +67,21 @@ def running(state: PipelineState) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
+@contextlib.contextmanager
+def attributes_set(obj, values: dict) -> Iterator[None]:
+    """Set ``obj``'s attributes to ``values`` for the block (the adapters install a pipeline's
+    own replacements of module-level framework functions this way); the previous values come
+    back when it ends."""
+    saved = {name: getattr(obj, name) for name in values}
+    for name, value in values.items():
+        setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(obj, name, value)
+
+
 def install_layer_hooks(
     state: PipelineState, modules: Iterable[tuple[str, torch.nn.Module]]
 ) -> None:

@@ -152,14 +152,8 @@ class FunctionSwap:
     def bound(cls, replacements: dict[str, Any]) -> Iterator[None]:
         """Install one pipeline's :class:`_Bound` replacements for the duration of a generation."""
         _, usp, _ = xfuser_modules()
-        saved = {name: getattr(usp, name) for name in replacements}
-        for name, fn in replacements.items():
-            setattr(usp, name, fn)
-        try:
+        with tracking.attributes_set(usp, replacements):
             yield
-        finally:
-            for name, fn in saved.items():
-                setattr(usp, name, fn)
 
     @classmethod
     def release(cls) -> None:

@@ -28,6 +28,7 @@ __all__ = ["free_port", "spawn_ranks"]
 _POLL_S = 0.2  # how often the parent checks for dead children while waiting for results
 _EXIT_GRACE_S = 10.0  # after success, how long ranks may take to exit before being killed
 _KILL_GRACE_S = 5.0  # how long to wait for a killed child to be reaped
+_OTHERS_S = 3.0  # after a failure, how long to collect the other ranks' reports
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -143,9 +144,33 @@ def _collect(processes, results_queue, world_size, deadline, timeout) -> list[An
             _check_silent_deaths(processes, results_queue, results)
             continue
         if not ok:
-            raise RuntimeError(f"spawn_ranks: rank {rank} of {world_size} failed:\n{payload}")
+            raise _failure(rank, payload, processes, results_queue, results)
         results[rank] = _unpickle_result(rank, payload)
     return [results[rank] for rank in range(world_size)]
+
+
+def _failure(rank, payload, processes, results_queue, results) -> RuntimeError:
+    """The error for a failed rank, with what the other ranks reported meanwhile: a rank that
+    fails because a peer died ("Connection closed by peer") often reports first, and the
+    peer's own traceback or exit code is the cause."""
+    world_size = len(processes)
+    parts = [f"spawn_ranks: rank {rank} of {world_size} failed:\n{payload}"]
+    heard = set(results) | {rank}
+    deadline = time.monotonic() + _OTHERS_S
+    while len(heard) < world_size and time.monotonic() < deadline:
+        try:
+            other, ok, other_payload = results_queue.get(timeout=_POLL_S)
+        except queue_module.Empty:
+            if all(r in heard or p.exitcode is not None for r, p in enumerate(processes)):
+                break
+            continue
+        heard.add(other)
+        if not ok:
+            parts.append(f"rank {other} failed too:\n{other_payload}")
+    for other, process in enumerate(processes):
+        if other not in heard and process.exitcode is not None:
+            parts.append(f"rank {other} exited with code {process.exitcode} without reporting")
+    return RuntimeError("\n".join(parts))
 
 
 def _unpickle_result(rank: int, payload: bytes) -> Any:
@@ -173,7 +198,7 @@ def _check_silent_deaths(processes, results_queue, results) -> None:
                 "without reporting a result"
             ) from None
         if not ok:
-            raise RuntimeError(f"spawn_ranks: rank {reported_rank} failed:\n{payload}")
+            raise _failure(reported_rank, payload, processes, results_queue, results)
         results[reported_rank] = _unpickle_result(reported_rank, payload)
         return
 
