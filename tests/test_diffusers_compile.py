@@ -2,14 +2,18 @@
 models, one spawned world: compiling on a CPU is slow).
 
 - Graph breaks and graphs of the compiled transformer (``transformer.compile``, aot_eager:
-  the backend does not matter for breaks), patched vs unpatched, for ring and Ulysses on FLUX,
-  and for Qwen-Image with classifier-free guidance (its two branches are separate sites, so the
-  patched model compiles one graph per branch: at most one graph more than unpatched).
+  the backend does not matter for breaks), patched vs unpatched, for ring attention on FLUX
+  and for Ulysses on Qwen-Image with classifier-free guidance (its two branches are separate
+  sites, so the patched model compiles one graph per branch: at most one graph more than
+  unpatched).
 - Exact: with aot_eager the compiled patched output equals the eager patched output bit for
   bit, also when the model was compiled (and run) before ``patch``; an unpatched pipeline
   compiled in the same process keeps diffusers' own exchange.
-- Inductor (default mode, bf16): ``verify_bases`` finds every receiver's base equal to its
-  sender's and the int2 error stays within 2x of the eager int2 error.
+
+Inductor is checked on the xfuser path (tests/test_compile.py: the same custom ops carry the
+exchange, so inductor cannot change its rounding); the diffusers numbers with inductor in the
+README were measured with the same models outside the suite (compiling with inductor on a CPU
+costs more than the rest of this test).
 """
 
 from __future__ import annotations
@@ -72,7 +76,7 @@ def _world(rank, world):
 
     int2 = cf.CompactConfig(codec="int2", min_numel=0)
     res: dict = {}
-    cases = (("flux", {"ring": 2}), ("flux", {"ulysses": 2}), ("qwenimage", {"ulysses": 2}))
+    cases = (("flux", {"ring": 2}), ("qwenimage", {"ulysses": 2}))
     for kind, layout in cases:
         name = f"{kind}_{'_'.join(layout)}"
         cfg = kind == "qwenimage"
@@ -106,24 +110,13 @@ def _world(rank, world):
             torch.equal(generate_diffusers(patched, "flux", steps=STEPS), eager),
         ]
 
-    # Inductor, bf16: bases agree and the error stays close to eager's.
-    torch._dynamo.reset()
-    pipe = enable_context_parallel(build_diffusers_pipeline("flux", dtype=torch.bfloat16), **ring)
-    reference = generate_diffusers(pipe, "flux", steps=STEPS)
-    with cf.patched(pipe, int2):
-        res["eager_int2"] = rel(generate_diffusers(pipe, "flux", steps=STEPS), reference)
-    cf.patch(pipe, int2.replace(verify=True))  # verify=True: raises if any base differs
-    _compiled(pipe, backend="inductor")
-    res["inductor_int2"] = rel(generate_diffusers(pipe, "flux", steps=STEPS), reference)
-    res["inductor_verify"] = cf.verify_bases(pipe)
-    cf.unpatch(pipe)
     return res
 
 
 def test_compiled_diffusers_context_parallelism():
     results = spawn_ranks(_world, 2, timeout=900)
     for res in results:
-        for name in ("flux_ring", "flux_ulysses", "qwenimage_ulysses"):
+        for name in ("flux_ring", "qwenimage_ulysses"):
             (breaks, graphs), (plain_breaks, plain_graphs) = (
                 res[f"{name}_patched"],
                 res[f"{name}_unpatched"],
@@ -132,6 +125,3 @@ def test_compiled_diffusers_context_parallelism():
             assert breaks <= plain_breaks and graphs <= plain_graphs + extra, (name, res)
             assert res[f"{name}_exact"], name
         assert res["two_pipes"] == [True] * 3, res["two_pipes"]
-        verdict = res["inductor_verify"]
-        assert verdict["agree"] and verdict["sites_checked"] > 0, verdict
-        assert 0 < res["inductor_int2"] <= 2 * res["eager_int2"], res
