@@ -491,7 +491,7 @@ class ResidualCompressor:
             if site.base is None and self.config.residual:
                 raise PayloadError(f"site {key!r}: compressed payload arrived before any base")
             # the header was validated above: no second read of it
-            value = self._decode_compressed(site, payload, shape, dtype, out, check_header=False)
+            value = self._decode_compressed(site, payload, shape, dtype, out)
             site.base = value
             site.calls += 1
         self._count(site, tuple(shape), dtype, wire_nbytes)
@@ -514,12 +514,11 @@ class ResidualCompressor:
             )
         return body
 
-    def _decode_compressed(self, site, payload, shape, dtype, out, check_header=True):
+    def _decode_compressed(self, site, payload, shape, dtype, out):
+        """Decode a compressed payload whose header the caller has validated (``decode``) or
+        built from the agreed layout (``receive``): it is not read back here."""
         if not self.config.residual:
-            if check_header:
-                value = self.codec.decode(payload)
-            else:
-                value = self.codec.decode_known(payload, shape, dtype)
+            value = self.codec.decode_known(payload, shape, dtype)
             if out is None:
                 return value
             return out.copy_(value.reshape(out.shape))
@@ -537,7 +536,7 @@ class ResidualCompressor:
             except kernels.KernelUnsupported as exc:
                 site.stats.kernel_fallbacks += 1
                 self._warn_once(f"kernel:{exc}", f"Triton kernels declined ({exc}); using torch")
-        return self.codec.decode_residual(payload, base, out, check_header=check_header)
+        return self.codec.decode_residual(payload, base, out, check_header=False)
 
     # --- exchanges without host reads (the compressed collectives) ----------------------------
     def exchange_compressed(
@@ -645,7 +644,7 @@ class ResidualCompressor:
                     f"{None if base is None else (tuple(base.shape), base.dtype)}; configs or "
                     "call order differ across ranks"
                 )
-            self._decode_compressed(site, payload, shape, dtype, out, check_header=False)
+            self._decode_compressed(site, payload, shape, dtype, out)
             keep = ((flags & NOT_FINITE) != 0) | mismatch
             _keep_unless(site, keep, out)
             site.calls += 1
