@@ -16,7 +16,9 @@ in three autograd functions that the dispatcher reads from module globals at eve
 
 While at least one model is patched these globals are subclasses whose ``forward`` defers to
 diffusers' own unless a patched pipeline is running in this context and the call belongs to one
-of its transformers (its ``ContextParallelConfig``). The "anything" variants (uneven splits,
+of its transformers (its ``ContextParallelConfig``); during each generation of a patched
+pipeline its own subclasses, bound to its state, are installed instead (what torch.compile
+traces: see below). The "anything" variants (uneven splits,
 ``ring_anything`` / ``ulysses_anything``) are not replaced: their traffic stays uncompressed
 (the adapter logs a note at patch time). Only inference is supported: a call that needs
 gradients raises ``NotImplementedError``.

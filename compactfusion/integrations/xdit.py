@@ -10,7 +10,7 @@
 The module-level functions are swapped only while at least one pipeline is patched, and the
 replacements defer to the originals unless a patched pipeline is running in the current
 context (``tracking.active_state``), so other pipelines in the process behave exactly as
-before. While a patched pipeline's call runs, its own bound replacements (``_Bound``) are
+before. While a generation of a patched pipeline runs, its own bound replacements (``_Bound``) are
 installed instead: under torch.compile they carry the pipeline's state into the traced code
 and keep one compiled graph per patched pipeline. All per-pipeline state lives in one
 :class:`~.state.PipelineState` attached to the pipeline.
@@ -167,7 +167,7 @@ class FunctionSwap:
 
 class _Bound:
     """One patched pipeline's replacement for an xfuser function, installed while that
-    pipeline's call runs (``FunctionSwap.bound``).
+    pipeline's generations run (``FunctionSwap.bound``, entered through ``PipelineState.bind``).
 
     In eager mode it is the shared replacement (which finds the running pipeline through a
     ``ContextVar``). While compiling it uses its own pipeline's state directly: dynamo cannot
