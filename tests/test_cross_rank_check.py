@@ -6,14 +6,14 @@ import os
 
 import pytest
 
-from compactfusion import CompactConfig, ConfigMismatchError, ResidualCompressor
+from compactfusion import CompactConfig, ConfigMismatchError
 from compactfusion.backend import ENV_VAR
 from compactfusion.integrations.state import PipelineState
 from compactfusion.testing import spawn_ranks
 
 
 def _check(cfg):
-    state = PipelineState(config=cfg, compressor=ResidualCompressor(cfg), ring_world=2)
+    state = PipelineState(config=cfg, ring_world=2)
     try:
         state.ensure_checked()
     except ConfigMismatchError as exc:
@@ -46,6 +46,6 @@ def test_policy_and_backend_mismatch_raise_on_every_rank():
 def test_invalid_backend_environment_is_refused(monkeypatch):
     monkeypatch.setenv(ENV_VAR, "cuda")
     cfg = CompactConfig()
-    state = PipelineState(config=cfg, compressor=ResidualCompressor(cfg))
+    state = PipelineState(config=cfg)
     with pytest.raises(ValueError, match=ENV_VAR):
         state.ensure_checked()

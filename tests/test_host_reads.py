@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from compactfusion import CompactConfig, ResidualCompressor
+from compactfusion import CompactConfig
 from compactfusion.integrations.state import PipelineState
 from compactfusion.integrations.strategies import (
     allgather_attention,
@@ -32,7 +32,7 @@ def _rank(rank, world):
     out = {}
     for codec in ("int2", "int1", "fp8", "raw"):
         cfg = CompactConfig(codec=codec, min_numel=0)
-        state = PipelineState(config=cfg, compressor=ResidualCompressor(cfg))
+        state = PipelineState(config=cfg)
         q, k, v = (torch.randn(1, 2, 16, 32, dtype=torch.bfloat16) for _ in range(3))
         x = torch.randn(world * 8, 64, dtype=torch.bfloat16)
         per_step, inside, storage = [], [], []
@@ -53,7 +53,7 @@ def _rank(rank, world):
     # The ring relay still reads each received payload's header back (documented; and a
     # check that the counter sees reads made by the strategies).
     cfg = CompactConfig(codec="int2", mode="ring", min_numel=0)
-    state = PipelineState(config=cfg, compressor=ResidualCompressor(cfg))
+    state = PipelineState(config=cfg)
     for step in range(2):
         with HostReadCounter() as reads:
             ring_relay_attention(state, "blocks.0.attn", attend, q, k + 0.05 * step, v, None)

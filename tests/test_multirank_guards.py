@@ -109,7 +109,7 @@ def _rank(rank, world):
     groups = [dist.new_group([0, 1]) for _ in range(4)]  # one per site: each starts clean
     cfg = CompactConfig(codec="int2", min_numel=0, timeout_s=TIMEOUT_S)
     comp = ResidualCompressor(cfg)
-    state = PipelineState(config=cfg, compressor=ResidualCompressor(cfg))
+    state = PipelineState(config=cfg)
     q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
     for step in range(2):  # both ranks in step, as before a failure
         compressed_all_gather(comp, "kv", shard(rank, step), group=groups[1])

@@ -9,7 +9,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from compactfusion import CompactConfig, ResidualCompressor
+from compactfusion import CompactConfig
 from compactfusion.integrations.state import PipelineState
 from compactfusion.integrations.strategies import (
     allgather_attention,
@@ -55,7 +55,7 @@ def _exact(q, k, v, world, joint):
 def _errors(fn, cfg, rank, world, joint, kw, poison_step=None):
     """Relative error per step of strategy ``fn`` over 4 steps (rank 1's K gets an inf at
     ``poison_step``)."""
-    state = PipelineState(config=cfg, compressor=ResidualCompressor(cfg))
+    state = PipelineState(config=cfg)
     errs = []
     for step in range(4):
         q, k, v = qkv(rank, step)
@@ -90,7 +90,7 @@ def _rank(rank, world):
     # restarts raw after the step (exact at the third step).
     for name, fn in (("allgather", allgather_attention), ("ring", ring_relay_attention)):
         cfg = CompactConfig(codec="int2", mode=name, min_numel=0)
-        state = PipelineState(config=cfg, compressor=ResidualCompressor(cfg))
+        state = PipelineState(config=cfg)
         outs = []
         for step in range(3):
             q, k, v = qkv(rank, step)

@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-from compactfusion import CompactConfig, ResidualCompressor
+from compactfusion import CompactConfig
 from compactfusion.integrations import tracking
 from compactfusion.integrations.state import PipelineState
 
@@ -41,7 +41,7 @@ class Model(torch.nn.Module):
 def test_layers_and_branches_are_separate_sites():
     seen = []
     model = Model(seen)
-    state = PipelineState(config=CompactConfig(), compressor=ResidualCompressor(CompactConfig()))
+    state = PipelineState(config=CompactConfig())
     tracking.install_layer_hooks(state, [(f"blocks.{i}", b) for i, b in enumerate(model.blocks)])
     tracking.install_step_hooks(state, model)
     tracking.install_branch_tracking(state, model)
@@ -67,7 +67,7 @@ def test_layers_and_branches_are_separate_sites():
 
 def test_ratio_after_warmup_skips_each_branchs_warmup_calls():
     cfg = CompactConfig(warmup_steps=1)
-    state = PipelineState(config=cfg, compressor=ResidualCompressor(cfg))
+    state = PipelineState(config=cfg)
     # Two calls per step (cond, uncond): each branch's first call is raw (100 bytes), then 10.
     for step in range(3):
         for branch in ("cond", "uncond"):

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from compactfusion import BaseDivergenceError, CompactConfig, ResidualCompressor, verify_bases
+from compactfusion import BaseDivergenceError, CompactConfig, verify_bases
 from compactfusion.integrations.state import STATE_ATTR, PipelineState
 from compactfusion.integrations.strategies import kv_attention, ulysses_all_to_all
 from compactfusion.testing import spawn_ranks
@@ -22,7 +22,7 @@ def attend(q, k, v, with_joint):
 
 def _run(mode, rank, world, steps=3):
     cfg = CompactConfig(codec="int2", mode=mode, min_numel=0)
-    state = PipelineState(config=cfg, compressor=ResidualCompressor(cfg))
+    state = PipelineState(config=cfg)
     pipe = SimpleNamespace(**{STATE_ATTR: state})
     g = torch.Generator().manual_seed(rank)
     q, k, v = (torch.randn(1, 2, 8, 32, generator=g, dtype=torch.bfloat16) for _ in range(3))

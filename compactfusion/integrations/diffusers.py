@@ -34,7 +34,6 @@ from typing import Any
 import torch
 
 from ..config import CompactConfig
-from ..residual import ResidualCompressor
 from . import tracking
 from .diffusers_attention import REPLACED, DiffusersState, Swap, dispatch_module
 from .generation import patched_call_class
@@ -155,7 +154,6 @@ def patch_diffusers(obj: Any, config: CompactConfig) -> DiffusersState:
     cps = tuple(context_parallel_config(m) for _, m in targets)
     state = DiffusersState(
         config=config,
-        compressor=ResidualCompressor(config),
         original_class=None if is_model else type(obj),
         ring_world=ring,
         ulysses_world=ulysses,

@@ -32,7 +32,7 @@ class PipelineState:
     """Everything compactfusion keeps for one patched pipeline."""
 
     config: CompactConfig
-    compressor: ResidualCompressor
+    compressor: ResidualCompressor | None = None  # None: a new one for ``config``
     # Undo information (what the adapter changed).
     original_class: type | None = None
     hooks: list = field(default_factory=list)
@@ -64,6 +64,8 @@ class PipelineState:
     _step_marks: tuple[int, int] = (0, 0)
 
     def __post_init__(self) -> None:
+        if self.compressor is None:
+            self.compressor = ResidualCompressor(self.config)
         # K/V sites travel over the ring group, all-to-alls over the Ulysses group: that is
         # how many blocks of each logical site this rank keeps (for max_base_bytes).
         self.compressor.set_footprint(

@@ -27,7 +27,6 @@ import torch
 
 from ..attention import attend
 from ..config import CompactConfig
-from ..residual import ResidualCompressor
 from . import tracking
 from .generation import patched_call_class
 from .state import STATE_ATTR, PipelineState
@@ -274,7 +273,6 @@ def patch_xdit(pipe: Any, config: CompactConfig) -> PipelineState:
     modules = _attention_modules(pipe)
     state = PipelineState(
         config=config,
-        compressor=ResidualCompressor(config),
         original_class=type(pipe),
         ring_world=ring,
         ulysses_world=ulysses,

@@ -26,7 +26,6 @@ from typing import Any
 import torch
 
 from ..config import CompactConfig
-from ..residual import ResidualCompressor
 from .state import STATE_ATTR, PipelineState
 from .xdit import (
     check_xfuser_runtime,
@@ -174,7 +173,6 @@ def patch_runner_pipeline(pipe: Any, config: CompactConfig) -> PipelineState:
     ring, ulysses = _check_runtime()
     state = PipelineState(
         config=config,
-        compressor=ResidualCompressor(config),
         original_class=type(pipe),
         ring_world=ring,
         ulysses_world=ulysses,
